@@ -1,0 +1,46 @@
+"""The FastAPI application factory (uvicorn runs `api.app:create_app` with factory=True)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from api.routes import health, recommendations
+from api.runtime import NotReadyError, Runtime
+from api.settings import Settings, get_settings
+
+log = logging.getLogger("nextbest")
+
+
+def create_app(settings: Settings | None = None, redis_url: str | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    url = redis_url or settings.redis_url
+    if url is None:
+        raise RuntimeError("REDIS_URL is not set (`nextbest serve` starts the embedded Redis and sets it)")
+    runtime = Runtime(settings, url)  # invalid rules fail here, before the port opens
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        yield
+        await runtime.stop()
+
+    app = FastAPI(
+        title="nextbest",
+        version="0.1.0",
+        description="Real-time personalization decisions for online shops.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.include_router(recommendations.router)
+    app.include_router(health.router)
+
+    @app.exception_handler(NotReadyError)
+    async def not_ready(_request: Request, exc: NotReadyError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": f"not ready: {exc}"})
+
+    return app

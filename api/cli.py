@@ -1,0 +1,265 @@
+"""The `nextbest` command line: the composition root that wires training, the store, the API and benchmarks.
+
+Each command imports its layer lazily, so `nextbest serve` never loads training code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from api.settings import Settings, get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="nextbest: real-time personalization decisions")
+registry_app = typer.Typer(no_args_is_help=True, help="Inspect and switch model versions")
+app.add_typer(registry_app, name="registry")
+console = Console()
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@contextlib.contextmanager
+def redis_url(settings: Settings) -> Iterator[str]:
+    """REDIS_URL if set; otherwise the embedded server under the data dir, stopped on exit."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    from feature_store.server import EmbeddedRedis
+
+    server = EmbeddedRedis(settings.redis_dir).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="folder to write the shop's files into")] = Path("var/shop"),
+    customers: Annotated[int, typer.Option(min=1)] = 100_000,
+    items: Annotated[int, typer.Option(min=1)] = 5_000,
+    days: Annotated[int, typer.Option(min=1)] = 180,
+    seed: int = 42,
+    kind: Annotated[str, typer.Option(help="general | grocery (a repeat-purchase shop)")] = "general",
+    fmt: Annotated[str, typer.Option("--format", help="parquet | csv")] = "parquet",
+    end: Annotated[str, typer.Option(help="last day (exclusive), YYYY-MM-DD")] = "2026-11-01",
+) -> None:
+    """Generate a synthetic shop with known hidden structure (catalog, customers, events, truth)."""
+    from training.generator import ShopSpec, generate_shop
+
+    if kind not in ("general", "grocery") or fmt not in ("parquet", "csv"):
+        raise _fail("--kind must be general|grocery and --format parquet|csv")
+    spec = ShopSpec(customers, items, days, seed, dt.date.fromisoformat(end), kind, fmt)  # type: ignore[arg-type]
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=100)
+
+        def step(name: str, fraction: float) -> None:
+            bar.update(task, description=f"generating: {name}", completed=int(fraction * 100))
+
+        shop = generate_shop(spec, out, progress=step)
+        bar.update(task, completed=100)
+    console.print(f"wrote {out}: {shop.n_customers:,} customers, {shop.n_items:,} items, {shop.n_events:,} events")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="folder with catalog, customers, events (csv or parquet)")] = Path(
+        "var/shop"
+    ),
+    factors: int = 64,
+    iterations: int = 15,
+    regularization: float = 0.05,
+    alpha: float = 2.0,
+    test_days: int = 14,
+    evaluate: Annotated[bool, typer.Option(help="evaluate on a time split first")] = True,
+    activate: Annotated[bool, typer.Option(help="make the new version live")] = True,
+) -> None:
+    """Train ALS + neighbours + bestsellers, evaluate, and publish a version to the registry."""
+    from engine.registry import Registry
+    from engine.rules import RulesError, load_rules
+    from training.als import AlsParams
+    from training.datafiles import DataError
+    from training.evaluate import EvalParams
+    from training.train import TrainParams
+    from training.train import train as run_train
+
+    settings = get_settings()
+    params = TrainParams(
+        als=AlsParams(factors=factors, iterations=iterations, regularization=regularization, alpha=alpha),
+        evaluation=EvalParams(test_days=test_days),
+        evaluate=evaluate,
+    )
+    try:
+        rules = load_rules(settings.rules_file)
+        with progress_bar() as bar:
+            task = bar.add_task("training", total=None)
+            artifact, metrics = run_train(
+                data,
+                Registry(settings.registry_path),
+                rules,
+                params,
+                progress=lambda msg: bar.update(task, description=msg),
+                activate=activate,
+            )
+    except (DataError, RulesError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"published model version [bold]{artifact.version}[/bold] ({'live' if activate else 'not live'})")
+    _print_metrics(metrics)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    for section, models in (("discovery", metrics.get("discovery")), ("next_basket", metrics.get("next_basket"))):
+        if not isinstance(models, dict):
+            continue
+        table = Table(title=f"{section} ({models.get('users')} customers, time split)")
+        names = [k for k, v in models.items() if isinstance(v, dict)]
+        cols = [c for c in (models[names[0]].keys() if names else []) if c.endswith("@10") or c == "recall@20"]
+        table.add_column("model")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for n in names:
+            table.add_row(n, *(f"{models[n][c]:.4f}" for c in cols))
+        console.print(table)
+    console.print(f"fit: {metrics.get('fit_seconds')} s, whole job: {metrics.get('train_seconds')} s")
+
+
+@app.command()
+def load(
+    data: Annotated[Path, typer.Option(help="folder with catalog, customers, events")] = Path("var/shop"),
+) -> None:
+    """Materialise customer profiles and the catalog into Redis (bumps the catalog version)."""
+    from feature_store.keys import Keys
+    from feature_store.store import RedisStore
+    from training.datafiles import DataError, read_shop
+    from training.load import catalog_items
+    from training.profiles import build_profiles
+
+    settings = get_settings()
+    try:
+        with console.status("reading and validating data"):
+            shop = read_shop(data)
+    except DataError as exc:
+        raise _fail(str(exc)) from exc
+    with redis_url(settings) as url:
+        store = RedisStore(url, Keys(settings.key_prefix))
+        with progress_bar() as bar:
+            task = bar.add_task("profiles", total=len(shop.customers))
+            n = store.write_profiles(build_profiles(shop), progress=lambda k: bar.advance(task, k))
+        version = store.write_catalog(catalog_items(shop))
+        store.record_load(data=str(data), profiles=str(n), catalog_version=str(version))
+        mem = store.client.info("memory")["used_memory_human"]
+        store.close()
+    console.print(f"loaded {n:,} profiles and {len(shop.catalog):,} items (catalog version {version}); redis {mem}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="default: NEXTBEST_HOST or 127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(help="default: NEXTBEST_PORT or 8000")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn worker processes (default: NEXTBEST_WORKERS or 2)")
+    ] = None,
+) -> None:
+    """Serve the API (starts the embedded Redis when REDIS_URL is unset)."""
+    import uvicorn
+
+    settings = get_settings()
+    n_workers = workers or settings.workers
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with redis_url(settings) as url:
+        os.environ["REDIS_URL"] = url
+        if n_workers > 1:
+            prom = settings.data_dir / f"prometheus-{os.getpid()}"
+            shutil.rmtree(prom, ignore_errors=True)
+            prom.mkdir(parents=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom.resolve())
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=n_workers,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+
+
+@app.command()
+def demo(
+    customers: int = 20_000,
+    items: int = 2_000,
+    days: int = 120,
+    port: int = 8000,
+) -> None:
+    """Generate a shop, train, load Redis, serve on 127.0.0.1 and show real decisions."""
+    from api.demo import run_demo
+
+    run_demo(console, customers=customers, items=items, days=days, port=port, generate=generate, train=train, load=load)
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="latency")],
+    quick: Annotated[bool, typer.Option(help="a small, CI-sized run")] = False,
+    out: Annotated[Path, typer.Option(help="where reports go")] = Path("benchmarks/reports"),
+) -> None:
+    """Run a benchmark: prints a table, writes a Markdown report with plots."""
+    if name != "latency":
+        raise _fail(f"unknown benchmark {name!r}; available: latency")
+    from benchmarks.latency import run_latency_bench
+
+    run_latency_bench(console, quick=quick, out_dir=out)
+
+
+@registry_app.command("list")
+def registry_list() -> None:
+    """Versions in the registry, the live one marked."""
+    from engine.registry import Registry
+
+    reg = Registry(get_settings().registry_path)
+    live = reg.live_version()
+    for v in reg.versions():
+        console.print(f"{'*' if v == live else ' '} {v}")
+
+
+@registry_app.command("activate")
+def registry_activate(version: str) -> None:
+    """Verify a version and make it live (running servers pick it up without restart)."""
+    from engine.registry import ArtifactError, Registry
+
+    try:
+        Registry(get_settings().registry_path).activate(version)
+    except ArtifactError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"live: {version}")
+
+
+def main() -> None:
+    app()

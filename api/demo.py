@@ -1,0 +1,135 @@
+"""`nextbest demo`: the whole path from a synthetic shop to live decisions, on this machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from api.settings import get_settings
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the server was not ready within {timeout_s:.0f}s")
+
+
+def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, tuple[str, str, float]]) -> None:
+    r = httpx.post(f"{base}/v1/recommendations", json=body, timeout=5.0)
+    data = r.json()
+    ctx = body.get("context") or {}
+    head = f"{body['placement']} for {body['customer_id']}" + (f" (context {ctx})" if ctx else "")
+    flag = f" [yellow]fallback: {data['fallback_reason']}[/yellow]" if data.get("fallback") else ""
+    table = Table(title=f"{head}{flag}", title_justify="left")
+    for col in ("#", "item", "title", "category", "price", "score", "reasons"):
+        table.add_column(col)
+    for it in data["items"]:
+        title, cat, price = titles.get(it["item_id"], ("?", "?", 0.0))
+        table.add_row(
+            str(it["position"]),
+            it["item_id"],
+            title,
+            cat,
+            f"{price:.2f}",
+            f"{it['score']:.3f}",
+            ", ".join(it["reasons"]),
+        )
+    console.print(table)
+    console.print(
+        f"  [dim]curl -s -X POST {base}/v1/recommendations -H 'content-type: application/json' "
+        f"-d '{orjson.dumps(body).decode()}'[/dim]\n"
+    )
+
+
+def run_demo(
+    console: Console,
+    *,
+    customers: int,
+    items: int,
+    days: int,
+    port: int,
+    generate: Callable[..., None],
+    train: Callable[..., None],
+    load: Callable[..., None],
+) -> None:
+    import pandas as pd
+
+    from api.cli import redis_url
+
+    settings = get_settings()
+    shop_dir = settings.data_dir / "demo-shop"
+    end = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    console.rule("1/4 generate a synthetic shop")
+    generate(
+        out=shop_dir, customers=customers, items=items, days=days, seed=42, kind="general", fmt="parquet", end=str(end)
+    )
+    console.rule("2/4 train")
+    train(
+        data=shop_dir,
+        factors=64,
+        iterations=15,
+        regularization=0.05,
+        alpha=2.0,
+        test_days=14,
+        evaluate=True,
+        activate=True,
+    )
+    with redis_url(settings) as url:
+        os.environ["REDIS_URL"] = url
+        console.rule("3/4 load Redis")
+        load(data=shop_dir)
+        console.rule(f"4/4 serve on http://127.0.0.1:{port}")
+        exe = Path(sys.executable).with_name("nextbest")
+        env = {**os.environ, "REDIS_URL": url, "NEXTBEST_PORT": str(port), "NEXTBEST_HOST": "127.0.0.1"}
+        proc = subprocess.Popen([str(exe), "serve"], env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(base, proc)
+            catalog = pd.read_parquet(shop_dir / "catalog.parquet")
+            titles = {
+                r.item_id: (r.title, r.category, float(r.price))
+                for r in catalog.itertuples()  # type: ignore[misc]
+            }
+            events = pd.read_parquet(shop_dir / "events.parquet", columns=["customer_id", "type", "item_id"])
+            buyers = events[events["type"] == "purchase"]["customer_id"].value_counts()
+            heavy = str(buyers.index[0])
+            typical = str(buyers.index[len(buyers) // 2])
+            item = str(events[events["type"] == "view_item"]["item_id"].value_counts().index[0])
+            _show(console, base, {"customer_id": heavy, "placement": "home", "limit": 8}, titles)
+            _show(console, base, {"customer_id": typical, "placement": "home", "limit": 6}, titles)
+            _show(console, base, {"customer_id": typical, "placement": "pdp", "context": {"item_id": item}}, titles)
+            _show(
+                console, base, {"customer_id": "someone-new", "placement": "cart", "context": {"cart": [item]}}, titles
+            )
+            console.print(
+                f"[bold green]nextbest is serving on {base}[/bold green] — docs: {base}/docs, metrics: {base}/metrics"
+            )
+            console.print("press Ctrl-C to stop")
+            proc.wait()
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -1,0 +1,68 @@
+"""POST /v1/recommendations: products for a web or app placement."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from api.deps import get_runtime
+from api.runtime import Runtime
+from api.schemas import RecommendationRequest, RecommendationResponse, ValidationErrorBody
+from engine.pipeline import Request
+from engine.types import Context, Decision
+
+router = APIRouter(tags=["decisions"])
+
+
+def _invalid(field: str, msg: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=422, content={"detail": [{"loc": ["body", field], "msg": msg, "type": "value_error"}]}
+    )
+
+
+def _body(d: Decision) -> bytes:
+    return orjson.dumps(
+        {
+            "decision_id": d.decision_id,
+            "placement": d.placement,
+            "model_version": d.model_version,
+            "items": [
+                {"item_id": i.item_id, "position": i.position, "score": i.score, "reasons": list(i.reasons)}
+                for i in d.items
+            ],
+            "fallback": d.fallback,
+            "fallback_reason": d.fallback_reason,
+        }
+    )
+
+
+@router.post(
+    "/v1/recommendations",
+    response_model=RecommendationResponse,
+    responses={422: {"model": ValidationErrorBody, "description": "invalid request; `loc` names the field"}},
+    summary="Recommend products for a placement",
+)
+async def recommendations(body: RecommendationRequest, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    placements = runtime.rules.placements
+    placement = placements.get(body.placement)
+    if placement is None:
+        return _invalid("placement", f"unknown placement {body.placement!r}; known: {', '.join(sorted(placements))}")
+    limit = body.limit or placement.default_limit
+    if limit > placement.max_limit:
+        return _invalid("limit", f"at most {placement.max_limit} for placement {body.placement!r}")
+    for n, item in enumerate(body.context.cart):
+        if not item or len(item) > 128 or any(ch.isspace() or ch in "{}" for ch in item):
+            return JSONResponse(
+                status_code=422,
+                content={
+                    "detail": [
+                        {"loc": ["body", "context", "cart", n], "msg": "not a valid item id", "type": "value_error"}
+                    ]
+                },
+            )
+    req = Request(body.customer_id, body.placement, limit, Context(body.context.item_id, tuple(body.context.cart)))
+    decision = await runtime.recommend(req)
+    return Response(_body(decision), media_type="application/json")

@@ -1,0 +1,187 @@
+"""The serving process's live state: store client, circuit breaker, and the swapped ServingState.
+
+Models and catalog are refreshed in the background (registry LIVE pointer, catalog version key);
+a version that fails verification is refused and the previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from api import metrics
+from api.settings import Settings
+from engine.catalog import CatalogState
+from engine.pipeline import Request, recommend
+from engine.recmodel import RecModel, load_rec_model
+from engine.registry import ArtifactError, Registry
+from engine.rules import Rules, load_rules
+from engine.state import ServingState, build_state
+from engine.types import Decision, Profile
+from feature_store.breaker import CircuitBreaker
+from feature_store.keys import Keys
+from feature_store.profiles import ProfileDecodeError
+from feature_store.store import AsyncRedisStore, StoreUnavailableError
+
+log = logging.getLogger("nextbest")
+
+
+@dataclass
+class RefreshStatus:
+    model_version: str | None = None
+    model_error: str | None = None
+    refused_version: str | None = None
+    catalog_version: str | None = None
+    catalog_source: str = "none"  # redis | model_snapshot | none
+    last_refresh: float = 0.0
+
+
+class Runtime:
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.rules: Rules = load_rules(settings.rules_file)
+        self.registry = Registry(settings.registry_path)
+        self.store = AsyncRedisStore(
+            redis_url,
+            Keys(settings.key_prefix),
+            timeout_s=settings.redis_timeout_ms / 1000.0,
+            max_connections=settings.redis_max_connections,
+        )
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.status = RefreshStatus()
+        self.model: RecModel | None = None
+        self.catalog: CatalogState | None = None
+        self.state: ServingState | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_loop(), name="nextbest-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # the loop must survive anything; the error is logged and counted
+                log.exception("background refresh failed")
+
+    # ---- refresh ---------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        changed = await asyncio.to_thread(self._refresh_model)
+        changed = await self._refresh_catalog() or changed
+        if changed or self.state is None:
+            self._rebuild()
+        self.status.last_refresh = time.time()
+
+    def _refresh_model(self) -> bool:
+        live = self.registry.live_version()
+        if live is None or live in (self.status.model_version, self.status.refused_version):
+            return False
+        try:
+            artifact = self.registry.verify(live)
+            model = load_rec_model(artifact)
+        except ArtifactError as exc:
+            metrics.MODEL_LOADS.labels("refused").inc()
+            self.status.refused_version, self.status.model_error = live, str(exc)
+            log.error("model version %s refused, keeping %s: %s", live, self.status.model_version, exc)
+            return False
+        self.model = model
+        self.status.model_version, self.status.model_error, self.status.refused_version = live, None, None
+        metrics.MODEL_LOADS.labels("loaded").inc()
+        metrics.set_model_version(live)
+        log.info("serving model version %s", live)
+        return True
+
+    async def _refresh_catalog(self) -> bool:
+        if self.breaker.allow():
+            try:
+                version = await self.store.catalog_version()
+                if version is not None and version != self.status.catalog_version:
+                    version, items = await self.store.read_catalog()
+                    if items:
+                        self.catalog = CatalogState.from_items(items, f"redis:{version}")
+                        self.status.catalog_version, self.status.catalog_source = version, "redis"
+                        self.breaker.record_success()
+                        return True
+                self.breaker.record_success()
+            except StoreUnavailableError as exc:
+                self._store_failed("catalog", exc)
+        if self.catalog is None and self.model is not None and self.model.catalog_snapshot:
+            # Redis has no catalog (or is down) at start: serve the snapshot taken at training time.
+            self.catalog = CatalogState.from_items(self.model.catalog_snapshot, f"model:{self.model.version}")
+            self.status.catalog_source = "model_snapshot"
+            return True
+        return False
+
+    def _rebuild(self) -> None:
+        if self.catalog is None:
+            return
+        self.state = build_state(self.catalog, self.model, self.rules)
+        metrics.CATALOG_ITEMS.set(len(self.catalog))
+
+    def _store_failed(self, operation: str, exc: Exception) -> None:
+        metrics.REDIS_ERRORS.labels(operation).inc()
+        self.breaker.record_failure()
+        metrics.BREAKER_OPEN.set(1 if self.breaker.state != "closed" else 0)
+        log.warning("redis %s failed: %s", operation, exc)
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None]:
+        """The profile in one round trip, or the reason it could not be had."""
+        if not self.breaker.allow():
+            return None, "redis_circuit_open"
+        try:
+            profile = await self.store.read_profile(customer_id)
+        except StoreUnavailableError as exc:
+            self._store_failed("profile", exc)
+            return None, "redis_unavailable"
+        except ProfileDecodeError as exc:
+            log.error("%s", exc)
+            return None, "profile_unreadable"
+        if self.breaker.state != "closed":
+            metrics.BREAKER_OPEN.set(0)
+        self.breaker.record_success()
+        return profile, None
+
+    async def recommend(self, req: Request) -> Decision:
+        t0 = time.perf_counter()
+        state = self.state
+        if state is None:
+            raise NotReadyError("no catalog loaded yet")
+        profile, reason = await self.read_profile(req.customer_id)
+        decision = recommend(state, req, profile, fallback_reason=reason)
+        elapsed = time.perf_counter() - t0
+        metrics.DECISION_LATENCY.labels(req.placement).observe(elapsed)
+        metrics.DECISIONS.labels(req.placement).inc()
+        if decision.fallback:
+            metrics.FALLBACKS.labels(req.placement, decision.fallback_reason or "unknown").inc()
+        return decision
+
+    async def readiness(self) -> dict[str, object]:
+        redis_ok = await self.store.ping()
+        return {
+            "ready": redis_ok and self.model is not None and self.state is not None,
+            "redis": redis_ok,
+            "circuit": self.breaker.state,
+            "model_version": self.status.model_version,
+            "model_error": self.status.model_error,
+            "catalog_version": self.status.catalog_version,
+            "catalog_source": self.status.catalog_source,
+            "catalog_items": len(self.catalog) if self.catalog else 0,
+        }
+
+
+class NotReadyError(RuntimeError):
+    pass

@@ -1,0 +1,45 @@
+"""All runtime configuration, from environment variables (prefix NEXTBEST_, plus REDIS_URL)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEXTBEST_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "NEXTBEST_REDIS_URL"),
+        description="Redis to use; unset = start the embedded redis-server under data_dir",
+    )
+    data_dir: Path = Field(Path("var"), description="embedded Redis files, generated data, default registry")
+    registry_dir: Path | None = Field(None, description="model registry root (default: <data_dir>/registry)")
+    rules_file: Path | None = Field(None, description="business rules YAML (default: the bundled rules)")
+    key_prefix: str = Field("nb", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(2, ge=1, le=64)
+    redis_timeout_ms: float = Field(20.0, gt=0, le=5000, description="budget for one Redis round trip")
+    redis_max_connections: int = Field(64, ge=1, le=10_000)
+    breaker_failures: int = Field(3, ge=1, description="consecutive Redis failures that open the circuit")
+    breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
+    refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")
+    log_level: str = "info"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir or self.data_dir / "registry"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

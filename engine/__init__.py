@@ -1,0 +1,1 @@
+"""The decision engine: pure domain logic over numpy arrays (no Redis, no HTTP)."""

@@ -1,0 +1,180 @@
+"""One decision for a web placement: candidates → filters → score blend → diversity → backfill.
+
+Everything is a function of plain values (profile, context, serving state), so a test or an offline
+evaluation runs the exact pipeline the API serves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine import candidates as cs
+from engine.catalog import BoolArray, IntArray
+from engine.ids import new_decision_id
+from engine.rerank import blend, diversify, rank
+from engine.rules import Placement
+from engine.state import ServingState
+from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShownItem
+
+PERSONAL_SOURCES = frozenset({"als", "buy_again", "recent_neighbours"})
+FALLBACK_SOURCES = {"neighbours": 1.0, "bestsellers": 0.5}
+# Reason names as shown to callers.
+REASON = {
+    "als": "als",
+    "buy_again": "buy_again",
+    "neighbours": "similar_to_context",
+    "recent_neighbours": "similar_to_recent",
+    "bestseller": "bestseller",
+    "category_bestseller": "category_bestseller",
+}
+REASON_BITS = tuple(REASON)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    customer_id: str
+    placement: str
+    limit: int
+    context: Context = field(default_factory=Context)
+
+
+def _excluded(state: ServingState, placement: Placement, profile: Profile | None, context: Context) -> BoolArray:
+    """Items that must not be shown: unavailable, in the context, or bought and not repurchasable."""
+    cat = state.catalog
+    banned = ~cat.available
+    if placement.filters.exclude_context:
+        banned[cat.indices(context.item_ids)] = True
+    if placement.filters.exclude_purchased and not placement.filters.allow_repurchase and profile is not None:
+        bought = cat.indices([p.item_id for p in profile.purchases])
+        if len(bought):
+            banned[bought[~state.repurchase_category[cat.category[bought]]]] = True
+    return banned
+
+
+def _gather(
+    state: ServingState,
+    sources: dict[str, float],
+    placement: Placement,
+    req: Request,
+    profile: Profile | None,
+    now_day: int,
+) -> list[tuple[cs.Candidates, float]]:
+    n = placement.candidates_per_source
+    out: list[tuple[cs.Candidates, float]] = []
+    for source, weight in sources.items():
+        if source == "als":
+            c = cs.als(state, cs.user_vector(state, req.customer_id, profile), n)
+        elif source == "buy_again":
+            c = cs.buy_again(state, profile, now_day, placement.filters.allow_repurchase, n)
+        elif source == "neighbours":
+            c = cs.context_neighbours(state, req.context, n)
+        elif source == "recent_neighbours":
+            c = cs.recent_neighbours(state, profile, n)
+        else:
+            c = cs.bestsellers(state, cs.focus_categories(state, profile, req.context), n)
+        out.append((c, weight))
+    return out
+
+
+def recommend(
+    state: ServingState,
+    req: Request,
+    profile: Profile | None,
+    *,
+    fallback_reason: str | None = None,
+    now: float | None = None,
+    decision_id: str | None = None,
+) -> Decision:
+    """Decide the items for one placement. Never returns fewer items than are available to show.
+
+    `fallback_reason` is set by the caller when the profile could not be read (store down, timeout);
+    an unknown customer or one without personalisation consent falls back here, with its reason.
+    """
+    t0 = time.perf_counter()
+    placement = state.rules.placement(req.placement)
+    now_s = time.time() if now is None else now
+    reason = fallback_reason
+    if reason is None and state.model is None:
+        reason = "model_unavailable"
+    if reason is None and profile is None:
+        reason = "unknown_customer"
+    if reason is None and profile is not None and not profile.has_consent("personalization"):
+        reason = "no_personalization_consent"
+        profile = None  # respect the choice: nothing personal feeds this decision
+    sources: dict[str, float] = (
+        {str(k): v for k, v in placement.sources.items()} if reason is None else dict(FALLBACK_SOURCES)
+    )
+
+    gathered = _gather(state, sources, placement, req, profile, int(now_s // SECONDS_PER_DAY))
+    n = len(state.catalog)
+    affinity = np.zeros(n, dtype=np.float32)
+    found = np.zeros(n, dtype=np.bool_)
+    source_bits = np.zeros(n, dtype=np.uint16)
+    for c, weight in gathered:
+        if len(c.idx) == 0:
+            continue
+        np.add.at(affinity, c.idx, weight * c.score)
+        found[c.idx] = True
+        source_bits[c.idx] |= np.uint16(1 << REASON_BITS.index(c.source))
+
+    banned = _excluded(state, placement, profile, req.context)
+    final, margin_term = blend(state, affinity, placement.rerank)
+    ranked = rank(final, found & ~banned)
+    chosen, overflow = diversify(ranked, state.catalog.category, placement.rerank.max_per_category)
+    chosen = chosen[: req.limit]
+    filled: IntArray = np.empty(0, dtype=np.int64)
+    if len(chosen) < req.limit:
+        # Never short: first relax diversity, then take bestsellers, then anything in stock.
+        extra = overflow[: req.limit - len(chosen)]
+        chosen = np.concatenate([chosen, extra])
+    if len(chosen) < req.limit:
+        taken = np.zeros(n, dtype=np.bool_)
+        taken[chosen] = True
+        pool = np.concatenate([state.bestsellers, np.argsort(-state.catalog.popularity, kind="stable")])
+        pool = pool[~banned[pool] & ~taken[pool]]
+        _, first = np.unique(pool, return_index=True)
+        filled = pool[np.sort(first)][: req.limit - len(chosen)]
+        chosen = np.concatenate([chosen, filled])
+
+    reasons = _reasons(chosen, source_bits, margin_term, final, set(filled.tolist()))
+    items = tuple(
+        ShownItem(
+            item_id=state.catalog.item_ids[int(i)],
+            position=pos + 1,
+            score=round(float(final[i]), 4),
+            reasons=reasons[pos],
+        )
+        for pos, i in enumerate(chosen)
+    )
+    return Decision(
+        decision_id=decision_id or new_decision_id(int(now_s * 1000)),
+        placement=req.placement,
+        customer_id=req.customer_id,
+        model_version=state.model_version,
+        items=items,
+        fallback=reason is not None,
+        fallback_reason=reason,
+        timings_ms={"engine": (time.perf_counter() - t0) * 1000.0},
+    )
+
+
+def _reasons(
+    chosen: IntArray,
+    source_bits: np.ndarray,  # type: ignore[type-arg]
+    margin_term: np.ndarray,  # type: ignore[type-arg]
+    final: np.ndarray,  # type: ignore[type-arg]
+    filled: set[int],
+) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for i in chosen.tolist():
+        bits = int(source_bits[i])
+        r = [REASON[src] for k, src in enumerate(REASON_BITS) if bits >> k & 1]
+        if i in filled:
+            r.append("fill")
+        if final[i] > 0 and margin_term[i] >= 0.1 * final[i] and margin_term[i] > 0.05:
+            r.append("margin_boost")
+        out.append(tuple(dict.fromkeys(r)) or ("fill",))
+    return out

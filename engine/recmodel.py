@@ -1,0 +1,157 @@
+"""The recommendation model at serving time: ALS factors (memory-mapped), item neighbours, bestsellers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.catalog import CatalogItem
+from engine.registry import Artifact, ArtifactError
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+# File names inside a registry version.
+ITEM_IDS = "item_ids.npy"
+ITEM_FACTORS = "item_factors.npy"
+USER_IDS = "user_ids.npy"  # sorted, for binary search
+USER_ROWS = "user_rows.npy"
+USER_FACTORS = "user_factors.npy"
+NEIGHBOURS_IDX = "neighbours_idx.npy"
+NEIGHBOURS_SIM = "neighbours_sim.npy"
+BESTSELLERS = "bestsellers.json"
+CATALOG_SNAPSHOT = "catalog.json"
+REQUIRED_FILES = (
+    ITEM_IDS,
+    ITEM_FACTORS,
+    USER_IDS,
+    USER_ROWS,
+    USER_FACTORS,
+    NEIGHBOURS_IDX,
+    NEIGHBOURS_SIM,
+    BESTSELLERS,
+    CATALOG_SNAPSHOT,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class RecModel:
+    """Everything the pipeline needs from training, indexed by *model item* position."""
+
+    version: str
+    item_ids: npt.NDArray[np.str_]
+    item_factors: F32
+    user_ids: npt.NDArray[np.str_]
+    user_rows: npt.NDArray[np.int32]
+    user_factors: F32
+    neighbours_idx: npt.NDArray[np.int32]
+    neighbours_sim: F32
+    bestsellers: tuple[str, ...]
+    bestsellers_by_category: Mapping[str, tuple[str, ...]]
+    repurchase_days: Mapping[str, float]  # typical gap between repeat purchases, per category
+    regularization: float
+    catalog_snapshot: tuple[CatalogItem, ...]
+    manifest: Mapping[str, object]
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_factors.shape[0])
+
+    def user_vector(self, customer_id: str) -> F32 | None:
+        """The trained factor of a known customer, by binary search over the sorted id array."""
+        pos = int(np.searchsorted(self.user_ids, customer_id))
+        if pos < len(self.user_ids) and self.user_ids[pos] == customer_id:
+            return np.asarray(self.user_factors[int(self.user_rows[pos])], dtype=np.float32)
+        return None
+
+    def fold_in(self, item_rows: I64, weights: F32) -> F32:
+        """A user factor for someone the model has not seen, from the items they touched.
+
+        One least-squares step of ALS with the item factors fixed (as implicit's recalculate_user),
+        using the confidence-weighted form (YᵀY + Yᵤᵀ(Cᵤ−I)Yᵤ + λI)⁻¹ Yᵤᵀ Cᵤ p(u).
+        """
+        y = self.item_factors
+        yu = y[item_rows]
+        c = 1.0 + weights.astype(np.float32)
+        a = self._yty + (yu.T * (c - 1.0)) @ yu + self.regularization * np.eye(y.shape[1], dtype=np.float32)
+        b = (yu.T * c).sum(axis=1)
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    @property
+    def _yty(self) -> F32:
+        cached = self.__dict__.get("_yty_cache")
+        if cached is None:
+            cached = (self.item_factors.T @ self.item_factors).astype(np.float32)
+            object.__setattr__(self, "_yty_cache", cached)
+        return cached
+
+
+def _load_npy(artifact: Artifact, name: str, mmap: bool = False) -> np.ndarray:  # type: ignore[type-arg]
+    path = artifact.file(name)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)  # type: ignore[no-any-return]
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot be read as a numpy array: {exc}") from exc
+
+
+def load_rec_model(artifact: Artifact) -> RecModel:
+    """Load a verified artifact; shape mismatches are refused with the file named."""
+    missing = [n for n in REQUIRED_FILES if n not in artifact.manifest.get("files", {})]
+    if missing:
+        raise ArtifactError(f"{artifact.path}: manifest lacks {', '.join(missing)}")
+    item_ids = _load_npy(artifact, ITEM_IDS)
+    item_factors = _load_npy(artifact, ITEM_FACTORS).astype(np.float32, copy=False)
+    user_ids = _load_npy(artifact, USER_IDS)
+    user_rows = _load_npy(artifact, USER_ROWS)
+    user_factors = _load_npy(artifact, USER_FACTORS, mmap=True)
+    nb_idx = _load_npy(artifact, NEIGHBOURS_IDX)
+    nb_sim = _load_npy(artifact, NEIGHBOURS_SIM)
+    n_items, k = item_factors.shape
+    checks = [
+        (ITEM_IDS, item_ids.shape == (n_items,)),
+        (USER_ROWS, user_rows.shape == user_ids.shape),
+        (USER_FACTORS, user_factors.ndim == 2 and user_factors.shape[1] == k),
+        (NEIGHBOURS_IDX, nb_idx.ndim == 2 and nb_idx.shape[0] == n_items),
+        (NEIGHBOURS_SIM, nb_sim.shape == nb_idx.shape),
+    ]
+    for name, ok in checks:
+        if not ok:
+            raise ArtifactError(f"{artifact.file(name)}: shape does not match the item factors {item_factors.shape}")
+    if len(user_rows) and (int(user_rows.max()) >= user_factors.shape[0] or int(user_rows.min()) < 0):
+        raise ArtifactError(f"{artifact.file(USER_ROWS)}: row index out of range")
+    if nb_idx.size and (int(nb_idx.max()) >= n_items or int(nb_idx.min()) < -1):
+        raise ArtifactError(f"{artifact.file(NEIGHBOURS_IDX)}: item index out of range")
+    try:
+        best = json.loads(artifact.file(BESTSELLERS).read_text(encoding="utf-8"))
+        snapshot = json.loads(artifact.file(CATALOG_SNAPSHOT).read_text(encoding="utf-8"))
+        catalog = tuple(CatalogItem(**row) for row in snapshot)
+        bestsellers = tuple(str(i) for i in best["global"])
+        by_cat = {str(c): tuple(str(i) for i in ids) for c, ids in best["by_category"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{artifact.path}: bestsellers or catalog snapshot unreadable: {exc}") from exc
+    params = artifact.manifest.get("params", {})
+    return RecModel(
+        version=artifact.version,
+        item_ids=item_ids,
+        item_factors=np.ascontiguousarray(item_factors),
+        user_ids=user_ids,
+        user_rows=user_rows.astype(np.int32, copy=False),
+        user_factors=user_factors,
+        neighbours_idx=nb_idx.astype(np.int32, copy=False),
+        neighbours_sim=nb_sim.astype(np.float32, copy=False),
+        bestsellers=bestsellers,
+        bestsellers_by_category=by_cat,
+        repurchase_days={str(k): float(v) for k, v in artifact.manifest.get("repurchase_days", {}).items()},
+        regularization=float(params.get("regularization", 0.05)) if isinstance(params, dict) else 0.05,
+        catalog_snapshot=catalog,
+        manifest=artifact.manifest,
+    )
+
+
+def save_array(path: Path, arr: np.ndarray) -> None:  # type: ignore[type-arg]
+    np.save(path, arr, allow_pickle=False)

@@ -1,0 +1,113 @@
+"""Business rules from one YAML file (placements and category rules), validated once at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Source = Literal["als", "buy_again", "neighbours", "recent_neighbours", "bestsellers"]
+SOURCES: tuple[str, ...] = ("als", "buy_again", "neighbours", "recent_neighbours", "bestsellers")
+DEFAULT_RULES_FILE = Path(__file__).with_name("rules.default.yaml")
+
+
+class RulesError(ValueError):
+    """The rules file is invalid; the message names the file and the field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rerank(_Strict):
+    """Final score = affinity·w + margin·w + stock·w, then at most N items per category."""
+
+    affinity: float = Field(0.8, ge=0, le=10)
+    margin: float = Field(0.15, ge=0, le=10)
+    stock: float = Field(0.05, ge=0, le=10)
+    stock_reference: int = Field(20, ge=1, description="stock at or above which an item counts as fully stocked")
+    max_per_category: int = Field(3, ge=1, le=1000)
+
+
+class Filters(_Strict):
+    exclude_context: bool = True
+    exclude_purchased: bool = True
+    allow_repurchase: bool = False  # True: bought items may come back in every category
+
+
+class Placement(_Strict):
+    """A named group of slots with its candidate sources, filters and re-ranking."""
+
+    description: str = ""
+    default_limit: int = Field(10, ge=1, le=100)
+    max_limit: int = Field(50, ge=1, le=100)
+    sources: dict[Source, float] = Field(
+        default_factory=lambda: {"als": 1.0, "bestsellers": 0.3},  # type: ignore[arg-type]
+        description="candidate source -> weight of its (normalised) score",
+    )
+    candidates_per_source: int = Field(200, ge=10, le=5000)
+    filters: Filters = Filters()
+    rerank: Rerank = Rerank()
+
+    @model_validator(mode="after")
+    def _limits(self) -> Placement:
+        if self.default_limit > self.max_limit:
+            raise ValueError("default_limit must not exceed max_limit")
+        if not self.sources:
+            raise ValueError("a placement needs at least one candidate source")
+        return self
+
+
+class Categories(_Strict):
+    repurchase: frozenset[str] = frozenset()
+    default_repurchase_days: float = Field(30.0, gt=0, le=3650)
+
+
+class Rules(_Strict):
+    version: int = 1
+    categories: Categories = Categories()
+    placements: dict[str, Placement]
+
+    @model_validator(mode="after")
+    def _has_placements(self) -> Rules:
+        if not self.placements:
+            raise ValueError("at least one placement is required")
+        return self
+
+    def placement(self, name: str) -> Placement:
+        return self.placements[name]
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid rules ({err.error_count()} error(s))"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_rules(text: str, path: Path) -> Rules:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RulesError(f"{path}:{where} not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RulesError(f"{path}: the rules file must be a mapping with a 'placements' key")
+    try:
+        return Rules.model_validate(raw)
+    except ValidationError as exc:
+        raise RulesError(_format_error(path, exc)) from exc
+
+
+def load_rules(path: Path | None = None) -> Rules:
+    """Read and validate a rules file; raises RulesError naming the file and the field."""
+    p = path or DEFAULT_RULES_FILE
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError(f"{p}: cannot read rules file: {exc.strerror}") from exc
+    return parse_rules(text, p)

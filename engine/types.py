@@ -1,0 +1,76 @@
+"""Domain types that travel between layers: profiles, request context, decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EVENT_TYPES = ("view_item", "add_to_cart", "purchase", "email_open", "email_click")
+CONSENT_CHANNELS = ("email", "sms", "push", "personalization")
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseSummary:
+    """What a customer bought of one item: how often, and first/last day (days since the Unix epoch)."""
+
+    item_id: str
+    count: int
+    first_day: int
+    last_day: int
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A customer's live profile as stored in the feature store (a few hundred bytes)."""
+
+    customer_id: str
+    recent_views: tuple[str, ...] = ()  # most recent first
+    cart: tuple[str, ...] = ()
+    purchases: tuple[PurchaseSummary, ...] = ()  # most recent first
+    category_affinity: tuple[tuple[str, float], ...] = ()  # strongest first, weights sum to <= 1
+    consents: frozenset[str] = frozenset(CONSENT_CHANNELS)
+    orders: int = 0
+    spend: float = 0.0
+    updated_at: int = 0  # unix seconds
+
+    def has_consent(self, channel: str) -> bool:
+        return channel in self.consents
+
+    @property
+    def interacted_items(self) -> tuple[str, ...]:
+        """Items the customer showed interest in, strongest signals first (for folding in a user vector)."""
+        return tuple(p.item_id for p in self.purchases) + self.cart + self.recent_views
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the page shows right now: the current item and the cart."""
+
+    item_id: str | None = None
+    cart: tuple[str, ...] = ()
+
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        return ((self.item_id,) if self.item_id else ()) + self.cart
+
+
+@dataclass(frozen=True, slots=True)
+class ShownItem:
+    item_id: str
+    position: int  # 1-based
+    score: float
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one request, with everything needed to explain and log it."""
+
+    decision_id: str
+    placement: str
+    customer_id: str
+    model_version: str | None
+    items: tuple[ShownItem, ...]
+    fallback: bool = False
+    fallback_reason: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The feature store: Redis key layout, profiles, catalog state, the embedded server."""

@@ -1,0 +1,48 @@
+"""The Redis key layout, in one place.
+
+Every key starts with a configurable prefix (default ``nb``). Keys of one customer share the hash
+tag ``{c:<customer_id>}``, so on Redis Cluster they live in one slot and a request stays one round
+trip on one node; the catalog's keys share ``{catalog}``.
+
+| key                              | type   | holds                                                   |
+| -------------------------------- | ------ | ------------------------------------------------------- |
+| ``<p>:{c:<id>}:profile``         | hash   | the live profile (fields below)                          |
+| ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
+| ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
+| ``<p>:meta:loaded``              | hash   | when and from what the last bulk load ran                |
+
+Profile hash fields: ``v`` recent views (comma-separated ids, newest first), ``k`` cart, ``p`` purchases
+(``item:count:first_day:last_day`` joined by ``;``, newest first), ``a`` category affinities
+(``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "nb"
+
+    def customer_tag(self, customer_id: str) -> str:
+        return f"{{c:{customer_id}}}"
+
+    def profile(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:profile"
+
+    @property
+    def catalog_items(self) -> str:
+        return f"{self.prefix}:{{catalog}}:items"
+
+    @property
+    def catalog_version(self) -> str:
+        return f"{self.prefix}:{{catalog}}:version"
+
+    @property
+    def load_meta(self) -> str:
+        return f"{self.prefix}:meta:loaded"
+
+    @property
+    def all_pattern(self) -> str:
+        return f"{self.prefix}:*"

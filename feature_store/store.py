@@ -1,0 +1,163 @@
+"""The Redis online store: bulk writes for `nextbest load`, single-round-trip reads for the API.
+
+One narrow interface per direction: `RedisStore` (sync, batch materialisation and admin reads) and
+`AsyncRedisStore` (the request path). The key layout lives in feature_store.keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+
+import orjson
+import redis
+import redis.asyncio as aredis
+
+from engine.catalog import CatalogItem
+from engine.types import Profile
+from feature_store.keys import Keys
+from feature_store.profiles import decode_profile, encode_profile
+
+BATCH = 2_000
+
+
+class StoreUnavailableError(RuntimeError):
+    """The store could not answer in time (down, slow, or the circuit breaker is open)."""
+
+
+def _item_json(item: CatalogItem) -> bytes:
+    d = asdict(item)
+    d.pop("item_id")
+    return orjson.dumps(d)
+
+
+def _text(v: bytes | str | None) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _decode_items(raw: dict[bytes, bytes]) -> list[CatalogItem]:
+    return [CatalogItem(item_id=k.decode(), **orjson.loads(v)) for k, v in raw.items()]
+
+
+class RedisStore:
+    """Synchronous access for batch jobs and tools."""
+
+    def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 10.0) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.keys = keys or Keys()
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def write_profiles(
+        self,
+        profiles: Iterable[Profile],
+        ttl_s: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Replace each customer's profile; pipelined in batches (no transaction: each key stands alone)."""
+        n = 0
+        pipe = self.client.pipeline(transaction=False)
+        for p in profiles:
+            key = self.keys.profile(p.customer_id)
+            pipe.delete(key)
+            pipe.hset(key, mapping=encode_profile(p))  # type: ignore[arg-type]
+            if ttl_s:
+                pipe.expire(key, ttl_s)
+            n += 1
+            if n % BATCH == 0:
+                pipe.execute()
+                if progress:
+                    progress(BATCH)
+        pipe.execute()
+        if progress:
+            progress(n % BATCH)
+        return n
+
+    def read_profile(self, customer_id: str) -> Profile | None:
+        raw = self.client.hgetall(self.keys.profile(customer_id))
+        if not raw:
+            return None
+        return decode_profile(customer_id, {str(_text(k)): str(_text(v)) for k, v in raw.items()})
+
+    def write_catalog(self, items: Iterable[CatalogItem], replace: bool = True) -> int:
+        """Write the catalog and bump its version so every API worker reloads it."""
+        mapping = {it.item_id: _item_json(it) for it in items}
+        pipe = self.client.pipeline(transaction=True)
+        if replace:
+            pipe.delete(self.keys.catalog_items)
+        for start in range(0, len(mapping), BATCH):
+            chunk = dict(list(mapping.items())[start : start + BATCH])
+            pipe.hset(self.keys.catalog_items, mapping=chunk)  # type: ignore[arg-type]
+        pipe.incr(self.keys.catalog_version)
+        results = pipe.execute()
+        return int(results[-1])
+
+    def catalog_version(self) -> str | None:
+        return _text(self.client.get(self.keys.catalog_version))
+
+    def read_catalog(self) -> tuple[str | None, list[CatalogItem]]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.catalog_version)
+        pipe.hgetall(self.keys.catalog_items)
+        version, raw = pipe.execute()
+        return _text(version), _decode_items(raw)
+
+    def record_load(self, **meta: str) -> None:
+        self.client.hset(self.keys.load_meta, mapping={"at": str(int(time.time())), **meta})  # type: ignore[dict-item]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisStore:
+    """The request path: every read is one round trip, bounded by a timeout."""
+
+    def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 0.02, max_connections: int = 64) -> None:
+        self.client = aredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max_connections,
+            retry_on_timeout=False,
+            retry=None,
+        )
+        self.keys = keys or Keys()
+
+    async def read_profile(self, customer_id: str) -> Profile | None:
+        try:
+            raw = await self.client.hgetall(self.keys.profile(customer_id))
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"profile read failed: {type(exc).__name__}: {exc}") from exc
+        if not raw:
+            return None
+        return decode_profile(customer_id, {str(_text(k)): str(_text(v)) for k, v in raw.items()})
+
+    async def catalog_version(self) -> str | None:
+        try:
+            v = await self.client.get(self.keys.catalog_version)
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return _text(v)
+
+    async def read_catalog(self) -> tuple[str | None, list[CatalogItem]]:
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self.keys.catalog_version)
+                pipe.hgetall(self.keys.catalog_items)
+                version, raw = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return _text(version), _decode_items(raw)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""Offline work: data loading and validation, the synthetic shop, training, evaluation."""

@@ -1,0 +1,291 @@
+"""The shop's input files (catalog, customers, events) in CSV or Parquet: schema, reading, validation.
+
+A file with one bad row is rejected whole, with the file, line (CSV) or row (Parquet), column and
+reason, so nothing is loaded from it.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from engine.types import EVENT_TYPES
+
+
+class DataError(ValueError):
+    """A bad input file: where (file, line, column) and why."""
+
+    def __init__(self, file: Path, line: int | None, column: str | None, reason: str, more: int = 0) -> None:
+        self.file, self.line, self.column, self.reason, self.more = file, line, column, reason, more
+        where = str(file)
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        suffix = f" (and {more} more bad row(s))" if more else ""
+        super().__init__(f"{where}: {reason}{suffix}; nothing was loaded from this file")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # id | str | float | int | bool | timestamp | enum
+    required: bool = True  # a value must be present in every row
+    minimum: float | None = None
+    default: object = None
+
+
+CATALOG = (
+    Column("item_id", "id"),
+    Column("title", "str"),
+    Column("category", "id"),
+    Column("price", "float", minimum=0.0),
+    Column("cost", "float", minimum=0.0),
+    Column("stock", "int", minimum=0),
+    Column("url", "str", required=False, default=""),
+    Column("image_url", "str", required=False, default=""),
+    Column("active", "bool", required=False, default=True),
+)
+CONSENT_COLUMNS = ("consent_email", "consent_sms", "consent_push", "consent_personalization")
+CUSTOMERS = (
+    Column("customer_id", "id"),
+    Column("created_at", "timestamp"),
+    Column("country", "str", required=False, default=""),
+    *(Column(c, "bool", required=False, default=False) for c in CONSENT_COLUMNS),
+)
+EVENTS = (
+    Column("event_id", "id"),
+    Column("customer_id", "id"),
+    Column("type", "enum"),
+    Column("item_id", "id", required=False, default=""),
+    Column("quantity", "int", required=False, minimum=1, default=1),
+    Column("price", "float", required=False, minimum=0.0, default=0.0),
+    Column("timestamp", "timestamp"),
+)
+SCHEMAS = {"catalog": CATALOG, "customers": CUSTOMERS, "events": EVENTS}
+UNIQUE = {"catalog": "item_id", "customers": "customer_id", "events": "event_id"}
+TRUE = frozenset({"true", "1", "yes", "t", "y"})
+FALSE = frozenset({"false", "0", "no", "f", "n"})
+MAX_ID_LEN = 128
+MAX_TEXT_LEN = 2048
+
+
+@dataclass(frozen=True)
+class ShopData:
+    catalog: pd.DataFrame
+    customers: pd.DataFrame
+    events: pd.DataFrame  # sorted by timestamp; timestamp as int64 unix seconds
+
+
+def find_file(data_dir: Path, name: str) -> Path:
+    for ext in (".parquet", ".csv"):
+        p = data_dir / f"{name}{ext}"
+        if p.exists():
+            return p
+    raise DataError(data_dir / f"{name}.csv", None, None, f"missing: expected {name}.csv or {name}.parquet")
+
+
+class _Checker:
+    """Collects the first bad row of each check; the earliest one is reported."""
+
+    def __init__(self, path: Path, line_of: Callable[[int], int]) -> None:
+        self.path, self.line_of = path, line_of
+        self.errors: list[tuple[int, str, str, int]] = []
+
+    def flag(self, bad: np.ndarray, column: str, reason: Callable[[int], str]) -> None:  # type: ignore[type-arg]
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            self.errors.append((int(rows[0]), column, reason(int(rows[0])), len(rows)))
+
+    def raise_first(self) -> None:
+        if self.errors:
+            row, column, reason, _ = min(self.errors)
+            total = sum(e[3] for e in self.errors)
+            raise DataError(self.path, self.line_of(row), column, reason, more=total - 1)
+
+
+def _read_csv(path: Path, names: list[str]) -> pa.Table:
+    try:
+        return pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        _locate_csv_problem(path, str(exc))
+        raise DataError(path, None, None, f"cannot be parsed as CSV: {exc}") from exc
+
+
+def _locate_csv_problem(path: Path, arrow_message: str) -> None:
+    """Arrow's parse errors do not give line numbers reliably: rescan to find the bad line."""
+    with path.open("rb") as f:
+        header_line = f.readline()
+        try:
+            header = next(csv.reader([header_line.decode("utf-8")]))
+        except UnicodeDecodeError as exc:
+            raise DataError(path, 1, None, f"not valid UTF-8 ({exc.reason})") from exc
+        for lineno, raw in enumerate(f, start=2):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, lineno, None, f"not valid UTF-8 at byte {exc.start + 1}") from exc
+            row = next(csv.reader([text]), [])
+            if not text.strip():
+                raise DataError(path, lineno, None, "empty line")
+            if len(row) != len(header):
+                col = header[len(row)] if len(row) < len(header) else None
+                raise DataError(path, lineno, col, f"expected {len(header)} fields, found {len(row)}")
+
+
+def _to_frame(path: Path, kind: str) -> tuple[pd.DataFrame, Callable[[int], int]]:
+    schema = SCHEMAS[kind]
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(path, None, None, f"cannot be read as Parquet: {exc}") from exc
+        columns = table.column_names
+        line_of: Callable[[int], int] = lambda r: r + 1  # noqa: E731 — Parquet has rows, not lines
+    else:
+        with path.open("rb") as f:
+            first = f.readline()
+        try:
+            columns = next(csv.reader([first.decode("utf-8-sig")]), [])
+        except UnicodeDecodeError as exc:
+            raise DataError(path, 1, None, "header is not valid UTF-8") from exc
+        columns = [c.strip() for c in columns]
+        table = _read_csv(path, columns)
+        line_of = lambda r: r + 2  # noqa: E731 — line 1 is the header
+    missing = [c.name for c in schema if c.required and c.name not in columns]
+    if missing:
+        raise DataError(path, 1, missing[0], f"required column missing (have: {', '.join(columns)})")
+    return table.to_pandas(), line_of
+
+
+def _string(df: pd.DataFrame, name: str) -> pd.Series:
+    s = df[name]
+    if s.dtype == object or pd.api.types.is_string_dtype(s):
+        return s.fillna("").astype(str)
+    return s.astype(str)
+
+
+def _column(df: pd.DataFrame, col: Column, chk: _Checker) -> pd.Series:
+    """Validate and convert one column; bad rows are flagged on the checker."""
+    n = len(df)
+    if col.name not in df.columns:
+        return pd.Series([col.default] * n)
+    raw = df[col.name]
+    if col.kind in ("id", "str", "enum"):
+        s = _string(df, col.name).str.strip()
+        empty = (s == "").to_numpy()
+        if col.required:
+            chk.flag(empty, col.name, lambda r: "empty value")
+        limit = MAX_ID_LEN if col.kind == "id" else MAX_TEXT_LEN
+        chk.flag((s.str.len() > limit).to_numpy(), col.name, lambda r: f"longer than {limit} characters")
+        if col.kind == "id":
+            bad = s.str.contains(r"[{}\s]", regex=True).to_numpy()
+            chk.flag(bad, col.name, lambda r: f"identifier {s.iloc[r]!r} contains braces or whitespace")
+        if col.kind == "enum":
+            bad = ~s.isin(EVENT_TYPES).to_numpy()
+            chk.flag(bad, col.name, lambda r: f"unknown event type {s.iloc[r]!r}")
+        return s
+    elif col.kind in ("float", "int"):
+        if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+            num = raw.astype(float)
+            blank = num.isna().to_numpy()
+            unparsable = np.zeros(n, dtype=bool)
+        else:
+            text = _string(df, col.name).str.strip()
+            blank = (text == "").to_numpy()
+            num = pd.to_numeric(text.where(~blank, None), errors="coerce")
+            unparsable = num.isna().to_numpy() & ~blank
+        chk.flag(unparsable, col.name, lambda r: f"not a number: {str(raw.iloc[r])[:40]!r}")
+        if col.required:
+            chk.flag(blank, col.name, lambda r: "empty value")
+        values = num.to_numpy(dtype=float, na_value=np.nan)
+        finite = np.isfinite(values)
+        chk.flag(~finite & ~blank & ~unparsable, col.name, lambda r: "not a finite number")
+        if col.kind == "int":
+            chk.flag(finite & (values != np.round(values)), col.name, lambda r: "not a whole number")
+        if col.minimum is not None:
+            chk.flag(finite & (values < col.minimum), col.name, lambda r: f"must be >= {col.minimum:g}")
+        filled = np.where(np.isfinite(values), values, float(col.default or 0))  # type: ignore[arg-type]
+        return pd.Series(filled.astype(np.int64 if col.kind == "int" else np.float64))
+    elif col.kind == "bool":
+        if pd.api.types.is_bool_dtype(raw):
+            return raw.fillna(bool(col.default)).astype(bool)
+        text = _string(df, col.name).str.strip().str.lower()
+        ok = text.isin(TRUE | FALSE) | (text == "")
+        chk.flag(~ok.to_numpy(), col.name, lambda r: f"not a boolean (true/false): {raw.iloc[r]!r}")
+        return text.isin(TRUE) | ((text == "") & bool(col.default))
+    elif col.kind == "timestamp":
+        if pd.api.types.is_datetime64_any_dtype(raw):
+            ts = pd.to_datetime(raw, utc=True)
+        else:
+            text = _string(df, col.name).str.strip()
+            ts = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+        bad = ts.isna().to_numpy()
+        chk.flag(bad, col.name, lambda r: f"not an ISO-8601 timestamp: {str(raw.iloc[r])[:40]!r}")
+        epoch = pd.Timestamp("1970-01-01", tz="UTC")
+        seconds = (ts.fillna(epoch) - epoch) // pd.Timedelta(seconds=1)
+        return pd.Series(seconds.to_numpy(dtype=np.int64))
+    raise ValueError(f"unknown column kind {col.kind!r}")
+
+
+def _validate(df: pd.DataFrame, kind: str, chk: _Checker) -> pd.DataFrame:
+    out = {}
+    for col in SCHEMAS[kind]:
+        out[col.name] = _column(df, col, chk)
+    frame = pd.DataFrame(out)
+    key = UNIQUE[kind]
+    chk.flag(frame[key].duplicated().to_numpy(), key, lambda r: f"duplicate {key} {frame[key].iloc[r]!r}")
+    return frame
+
+
+def read_table(path: Path, kind: str) -> pd.DataFrame:
+    """Read and validate one file of the given kind (catalog, customers or events)."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown data kind {kind!r}")
+    if not path.exists():
+        raise DataError(path, None, None, "file not found")
+    df, line_of = _to_frame(path, kind)
+    chk = _Checker(path, line_of)
+    frame = _validate(df, kind, chk)
+    if kind == "events":
+        needs_item = frame["type"] != "email_open"
+        chk.flag((needs_item & (frame["item_id"] == "")).to_numpy(), "item_id", lambda r: "empty for an item event")
+    chk.raise_first()
+    return frame
+
+
+def read_shop(data_dir: Path) -> ShopData:
+    """Read the three files and check that events refer to known customers and items."""
+    catalog = read_table(find_file(data_dir, "catalog"), "catalog")
+    customers = read_table(find_file(data_dir, "customers"), "customers")
+    events_path = find_file(data_dir, "events")
+    events = read_table(events_path, "events")
+    line_of = (lambda r: r + 1) if events_path.suffix == ".parquet" else (lambda r: r + 2)
+    chk = _Checker(events_path, line_of)
+    cust = events["customer_id"]
+    chk.flag(
+        (~cust.isin(customers["customer_id"])).to_numpy(), "customer_id", lambda r: f"unknown customer {cust[r]!r}"
+    )
+    items = events["item_id"]
+    unknown = (items != "") & ~items.isin(catalog["item_id"])
+    chk.flag(unknown.to_numpy(), "item_id", lambda r: f"unknown item {items[r]!r}")
+    chk.raise_first()
+    events = events.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return ShopData(catalog=catalog, customers=customers, events=events)
