@@ -488,7 +488,16 @@ class _Connection(asyncio.Protocol):
         if status:
             self.run.complete(self, status)
 
+    def eof_received(self) -> bool:
+        # Act on the server's FIN at once rather than at connection_lost, so a connection the server
+        # closed while idle is never handed the next request.
+        self._gone()
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
         if self.closed:
             return
         status = self.parser.eof() if self.idx >= 0 else 0
@@ -498,10 +507,17 @@ class _Connection(asyncio.Protocol):
             self.run.fail(self, "reset")
 
     def abort(self) -> None:
+        """Drop the connection now (RST): used when its state is unknown (timeout, bad response)."""
         self.closed = True
         self.idx = -1
         if self.transport is not None:
             self.transport.abort()
+
+    def close(self) -> None:
+        """Close an idle connection politely (FIN)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 _Connect = Callable[[Callable[[], _Connection]], Awaitable[tuple[asyncio.BaseTransport, _Connection]]]
@@ -556,15 +572,28 @@ class _Run:
         """Dispatch every request at its time, then drain; returns when each has an outcome."""
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        self.clock = _make_clock(loop, self.tick)
+        self.clock = _make_clock(loop, self.safe_tick)
         self.t0 = time.monotonic()
         self.next_sweep = self.sweep_s
+        # The run ends by itself timeout_s after the last send; this bound only turns a bug into an error.
+        bound = 2 * (self.times[-1] + self.timeout_s) + 10 if self.times else 10
         try:
-            self.tick()
-            await self.done
+            self.safe_tick()
+            await asyncio.wait_for(self.done, bound)
+        except TimeoutError:
+            raise RuntimeError(f"load generator did not finish within {bound:.0f} s (bug)") from None
         finally:
             self.clock.close()
-        self.finished = True
+            self.finished = True
+
+    def safe_tick(self) -> None:
+        # tick() runs as a loop callback: an exception there would only be logged and leave drive()
+        # waiting forever, so hand it to drive() instead.
+        try:
+            self.tick()
+        except Exception as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
 
     def tick(self) -> None:
         times = self.times
@@ -589,10 +618,14 @@ class _Run:
             self.done.set_result(None)
 
     def dispatch(self, i: int, now: float) -> None:
-        if self.idle:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:  # defensive: closed connections leave the pool in drop()
+                continue
             if i >= self.n_warm:
                 self.lags.append(now - self.times[i])
-            self.send(self.idle.pop(), i)
+            self.send(conn, i)
             return
         self.pending.append(i)
         if i >= self.n_warm:
@@ -699,8 +732,10 @@ class _Run:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for conn in [*self.idle, *self.busy]:
+        for conn in self.busy:
             conn.abort()
+        for conn in self.idle:
+            conn.close()
         self.idle.clear()
         self.busy.clear()
 

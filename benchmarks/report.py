@@ -21,14 +21,16 @@ from importlib import metadata
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 # Benchmarks run headless (CI, ssh, containers); choose Agg before anything imports pyplot.
 matplotlib.use("Agg")
 
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 __all__ = ["Report", "environment", "format_value", "new_figure"]
 
@@ -52,31 +54,35 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def format_value(value: object, precision: int | None = None) -> str:
     """A table cell: floats to 3 significant digits (or `precision` decimals), the rest as str."""
-    if isinstance(value, bool) or value is None:
-        return "–" if value is None else str(value)
-    if isinstance(value, int):
+    if value is None:
+        return "–"
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if not isinstance(value, float | np.floating):
         return str(value)
-    if isinstance(value, float) or hasattr(value, "dtype"):  # numpy scalars too
-        try:
-            x = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return str(value)
-        if hasattr(value, "dtype") and getattr(value, "dtype").kind in "iu":  # noqa: B009
-            return str(int(x))
-        if math.isnan(x):
-            return "–"
-        if math.isinf(x):
-            return "∞" if x > 0 else "-∞"
-        if precision is not None:
-            return f"{x:.{precision}f}"
-        magnitude = abs(x)
-        if magnitude == 0:
-            return "0"
-        if magnitude >= 1000:
-            return f"{x:.0f}"  # 3 significant digits would hide real differences (12345 vs 12300)
-        if magnitude >= 1e-3:
-            return f"{x:.{max(0, 2 - math.floor(math.log10(magnitude)))}f}"
-        return f"{x:.2e}"
+    x = float(value)
+    if math.isnan(x):
+        return "–"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    if precision is not None:
+        return f"{x:.{precision}f}"
+    magnitude = abs(x)
+    if magnitude == 0:
+        return "0"
+    if magnitude >= 1000:
+        return f"{x:.0f}"  # rounding 12345 to 12300 would hide real differences between rows
+    if magnitude >= 1e-3:
+        return f"{x:.{max(0, 2 - math.floor(math.log10(magnitude)))}f}"
+    return f"{x:.2e}"
+
+
+def _param_text(value: object) -> str:
+    # Parameters are shown exactly (a learning rate must not be rounded); containers as JSON.
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return json.dumps(_jsonable(value))
     return str(value)
 
 
@@ -163,7 +169,7 @@ def environment(started_at: float | None = None) -> dict[str, object]:
         "os": platform.platform(),  # system-release-machine; unlike uname() it carries no host name
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": versions,
-        "started_utc": dt.datetime.fromtimestamp(started_at, dt.UTC).isoformat(timespec="seconds"),
+        "started_utc": dt.datetime.fromtimestamp(started_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_time_s": round(time.time() - started_at, 3),
     }
 
@@ -251,28 +257,26 @@ class Report:
                 size += len(block)
         self._datasets.append(_Dataset(name, str(path), size, digest.hexdigest()))
 
-    @property
-    def tables(self) -> list[_Table]:
-        return [s for s in self._sections if isinstance(s, _Table)]
-
     def print(self, console: Console | None = None) -> None:
         """The tables and texts on the terminal; figures are only named (they live in the files)."""
         console = console or Console()
-        console.rule(f"[bold]{self.title}")
+        console.rule(Text(self.title, style="bold"))
         for section in self._sections:
             if isinstance(section, _Text):
-                console.print(section.text)
+                console.print(section.text, markup=False)
             elif isinstance(section, _Figure):
-                console.print(f"[dim]figure {section.filename}: {section.caption}[/dim]")
+                console.print(f"figure {section.filename}: {section.caption}", style="dim", markup=False)
             else:
-                table = Table(title=section.title, caption=section.note or None)
+                # Text cells: brackets in values must not be read as rich markup.
+                table = Table(title=Text(section.title), caption=Text(section.note) if section.note else None)
                 for header in section.headers:
                     table.add_column(header, justify="right")
                 for row in section.rows:
-                    table.add_row(*(format_value(v, section.precision) for v in row))
+                    table.add_row(*(Text(format_value(v, section.precision)) for v in row))
                 console.print(table)
         if self.params:
-            console.print("[dim]" + ", ".join(f"{k}={format_value(v)}" for k, v in self.params.items()) + "[/dim]")
+            params = ", ".join(f"{k}={_param_text(v)}" for k, v in self.params.items())
+            console.print(params, style="dim", markup=False)
 
     def write(self, out_dir: Path) -> Path:
         """Write out_dir/<name>.md, <name>.json and the figures; return the Markdown path."""
@@ -296,12 +300,12 @@ class Report:
             "environment": env,
             "datasets": [vars(d) for d in self._datasets],
             "tables": [
-                {"title": t.title, "headers": t.headers, "rows": t.rows, "note": t.note} for t in self.tables
+                {"title": t.title, "headers": t.headers, "rows": t.rows, "note": t.note}
+                for t in self._sections
+                if isinstance(t, _Table)
             ],
             "texts": [s.text for s in self._sections if isinstance(s, _Text)],
-            "figures": [
-                {"file": s.filename, "caption": s.caption} for s in self._sections if isinstance(s, _Figure)
-            ],
+            "figures": [{"file": s.filename, "caption": s.caption} for s in self._sections if isinstance(s, _Figure)],
         }
 
     def _markdown(self, env: Mapping[str, object]) -> str:
@@ -324,7 +328,7 @@ class Report:
             "",
             f"- Command: `{env['command']}`",
             f"- Commit: `{commit}`{dirty}",
-            f"- Started: {env['started_utc']} UTC; wall time {format_value(env['wall_time_s'])} s",
+            f"- Started: {env['started_utc']}; wall time {format_value(env['wall_time_s'])} s",
             f"- Machine: {env['cores']} logical cores ({env['usable_cores']} usable, "
             f"{env['physical_cores']} physical), {env['memory_gib']} GiB RAM, {env['cpu_model']}",
             f"- OS: {env['os']}; Python: {env['python']}",
@@ -333,7 +337,7 @@ class Report:
             "### Parameters",
             "",
         ]
-        params = sorted(self.params.items())
+        params = [(k, _param_text(v)) for k, v in sorted(self.params.items())]
         out += _md_table(("parameter", "value"), params, None) if params else ["(none)"]
         out += ["", "### Datasets", ""]
         if self._datasets:
@@ -353,9 +357,7 @@ def _cell(value: object, precision: int | None = None) -> str:
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
-def _md_table(
-    headers: Sequence[object], rows: Sequence[Sequence[object]], precision: int | None
-) -> list[str]:
+def _md_table(headers: Sequence[object], rows: Sequence[Sequence[object]], precision: int | None) -> list[str]:
     lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(_cell(v, precision) for v in row) + " |" for row in rows]
     return lines

@@ -94,7 +94,7 @@ def parse_rules(text: str, path: Path) -> Rules:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RulesError(f"{path}:{where} not valid YAML: {exc}") from exc
+        raise RulesError(f"{path}:{where}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RulesError(f"{path}: the rules file must be a mapping with a 'placements' key")
     try:

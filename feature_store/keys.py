@@ -6,12 +6,14 @@ trip on one node; the catalog's keys share ``{catalog}``.
 
 | key                              | type   | holds                                                   |
 | -------------------------------- | ------ | ------------------------------------------------------- |
-| ``<p>:{c:<id>}:profile``         | hash   | the live profile (fields below)                          |
+| ``<p>:{c:<id>}:profile``         | string | the live profile: a compact JSON object (fields below)   |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
 | ``<p>:meta:loaded``              | hash   | when and from what the last bulk load ran                |
 
-Profile hash fields: ``v`` recent views (comma-separated ids, newest first), ``k`` cart, ``p`` purchases
+A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
+encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
+newest first), ``k`` cart, ``p`` purchases
 (``item:count:first_day:last_day`` joined by ``;``, newest first), ``a`` category affinities
 (``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at.
 """

@@ -1,4 +1,4 @@
-"""The compact encoding of a Profile as a Redis hash (a few hundred bytes per customer)."""
+"""The compact encoding of a Profile: short field names, ids joined into strings (a few hundred bytes)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 from engine.catalog import CatalogItem
 from engine.types import Profile
 from feature_store.keys import Keys
-from feature_store.profiles import decode_profile, encode_profile
+from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile
 
 BATCH = 2_000
 
@@ -36,6 +36,18 @@ def _text(v: bytes | str | None) -> str | None:
     if v is None:
         return None
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _profile(customer_id: str, raw: bytes | str | None) -> Profile | None:
+    if raw is None:
+        return None
+    try:
+        fields = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProfileDecodeError(f"profile of {customer_id!r} is not JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise ProfileDecodeError(f"profile of {customer_id!r} is not a JSON object")
+    return decode_profile(customer_id, fields)
 
 
 def _decode_items(raw: dict[bytes, bytes]) -> list[CatalogItem]:
@@ -63,10 +75,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for p in profiles:
             key = self.keys.profile(p.customer_id)
-            pipe.delete(key)
-            pipe.hset(key, mapping=encode_profile(p))  # type: ignore[arg-type]
-            if ttl_s:
-                pipe.expire(key, ttl_s)
+            pipe.set(key, orjson.dumps(encode_profile(p)), ex=ttl_s)
             n += 1
             if n % BATCH == 0:
                 pipe.execute()
@@ -78,10 +87,7 @@ class RedisStore:
         return n
 
     def read_profile(self, customer_id: str) -> Profile | None:
-        raw = self.client.hgetall(self.keys.profile(customer_id))
-        if not raw:
-            return None
-        return decode_profile(customer_id, {str(_text(k)): str(_text(v)) for k, v in raw.items()})
+        return _profile(customer_id, self.client.get(self.keys.profile(customer_id)))
 
     def write_catalog(self, items: Iterable[CatalogItem], replace: bool = True) -> int:
         """Write the catalog and bump its version so every API worker reloads it."""
@@ -129,12 +135,10 @@ class AsyncRedisStore:
 
     async def read_profile(self, customer_id: str) -> Profile | None:
         try:
-            raw = await self.client.hgetall(self.keys.profile(customer_id))
+            raw = await self.client.get(self.keys.profile(customer_id))
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailableError(f"profile read failed: {type(exc).__name__}: {exc}") from exc
-        if not raw:
-            return None
-        return decode_profile(customer_id, {str(_text(k)): str(_text(v)) for k, v in raw.items()})
+        return _profile(customer_id, raw)
 
     async def catalog_version(self) -> str | None:
         try:

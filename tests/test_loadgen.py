@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,7 +68,7 @@ class _TinyServer:
             await asyncio.sleep(int(path.split("/")[2]) / 1000)
         elif path.startswith("/stall/") and first_time:
             # Block the whole server, as a GC pause or a blocking call would: nothing is read or written.
-            time.sleep(int(path.split("/")[2].split("?")[0]) / 1000)
+            time.sleep(int(path.split("/")[2].partition("?")[0]) / 1000)
         elif path == "/hang":
             await reader.read()  # never answer; return once the client gives up and closes
             return False
@@ -86,6 +88,11 @@ class _TinyServer:
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nbody without a length")
             await writer.drain()
             return False
+        elif path == "/then-close":  # a keep-alive response, then the server drops the idle connection
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.002)
+            return False
         elif path == "/no-content":
             writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
             return True
@@ -97,12 +104,12 @@ class _TinyServer:
 
 
 @contextmanager
-def _serve_in_thread(start: Callable[[_TinyServer], Awaitable[asyncio.Server]]) -> Iterator[_TinyServer]:
+def _serve_in_thread(start: Callable[[_TinyServer], Coroutine[Any, Any, asyncio.Server]]) -> Iterator[_TinyServer]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     state = _TinyServer()
-    server = asyncio.run_coroutine_threadsafe(start(state), loop).result(5)  # type: ignore[arg-type]
+    server = asyncio.run_coroutine_threadsafe(start(state), loop).result(5)
 
     async def stop() -> None:
         server.close()
@@ -133,9 +140,25 @@ def server() -> Iterator[tuple[int, _TinyServer]]:
         yield ports[0], state
 
 
-def _run(port: int, requests: list[Request], rate: float, duration_s: float, **kw: object) -> LoadResult:
+def _run(
+    port: int,
+    requests: list[Request],
+    rate: float,
+    duration_s: float,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    **kw: object,
+) -> LoadResult:
     kw.setdefault("warmup_s", 0.1)
-    return asyncio.run(run_open_loop("127.0.0.1", port, requests, rate, duration_s, **kw))  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run_open_loop("127.0.0.1", port, requests, rate, duration_s, **kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
 
 
 def _outcomes_add_up(result: LoadResult) -> None:
@@ -143,10 +166,10 @@ def _outcomes_add_up(result: LoadResult) -> None:
     assert sum(result.status_counts.values()) == result.completed == result.latencies_ms.size
 
 
-def test_all_requests_complete_with_200_and_counts_add_up(server):
+def test_all_requests_complete_with_200_and_counts_add_up(server, loop_factory):
     port, state = server
     bodies = [b'{"customer_id": "c%d"}' % i for i in range(7)]
-    result = _run(port, post_bodies("/v1/recommendations", bodies), rate=200, duration_s=1.0)
+    result = _run(port, post_bodies("/v1/recommendations", bodies), rate=200, duration_s=1.0, loop_factory=loop_factory)
     assert result.sent == 200
     assert result.completed == result.sent
     assert result.status_counts == {200: result.sent}
@@ -179,11 +202,11 @@ def test_requests_scheduled_during_a_stall_carry_it_in_their_latency(server):
     assert result.waited > 0
 
 
-def test_hung_requests_time_out_while_the_rest_complete(server):
+def test_hung_requests_time_out_while_the_rest_complete(server, loop_factory):
     port, _ = server
     requests = [Request("GET", "/")] * 9 + [Request("GET", "/hang")]
     started = time.monotonic()
-    result = _run(port, requests, rate=100, duration_s=1.0, warmup_s=0.0, timeout_s=0.25)
+    result = _run(port, requests, rate=100, duration_s=1.0, loop_factory=loop_factory, warmup_s=0.0, timeout_s=0.25)
     assert time.monotonic() - started < 30  # bounded by itself, generously
     assert result.timeouts == result.sent // 10
     assert result.completed == result.sent - result.timeouts
@@ -202,12 +225,29 @@ def test_a_server_stalled_past_the_timeout_gives_timeouts_not_a_stalled_generato
     _outcomes_add_up(result)
 
 
-def test_chunked_close_delimited_and_bodiless_responses_parse(server):
+def test_chunked_close_delimited_and_bodiless_responses_parse(server, loop_factory):
     port, _ = server
     paths = ["/chunked", "/close", "/until-close", "/no-content", "/"]
-    result = _run(port, [Request("GET", p) for p in paths], rate=100, duration_s=0.5)
+    result = _run(port, [Request("GET", p) for p in paths], rate=100, duration_s=0.5, loop_factory=loop_factory)
     assert result.errors == result.timeouts == 0
     assert result.status_counts == {200: 40, 204: 10}
+
+
+def test_the_event_loop_timer_fallback_also_keeps_the_schedule(server, monkeypatch):
+    from benchmarks import loadgen
+
+    monkeypatch.setattr(loadgen, "_make_clock", loadgen._LoopClock)
+    port, _ = server
+    result = _run(port, [Request("GET", "/")], rate=200, duration_s=0.5)
+    assert result.status_counts == {200: 100}
+
+
+def test_connections_the_server_closes_while_idle_are_replaced_without_errors(server, loop_factory):
+    port, _ = server
+    result = _run(port, [Request("GET", "/then-close")], rate=50, duration_s=0.6, loop_factory=loop_factory)
+    assert result.status_counts == {200: 30}
+    assert result.errors == 0
+    assert result.connections_opened >= 30
 
 
 def test_error_statuses_are_counted_and_break_sustained(server):
@@ -349,7 +389,11 @@ _RESPONSES = [
     (b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n", 201, True),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, True),
     (b"HTTP/1.1 503 Unavailable\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbad", 503, False),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n", 200, True),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n",
+        200,
+        True,
+    ),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nT: 1\r\nU: 2\r\n\r\n", 200, True),
     (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", 304, True),
 ]
@@ -361,7 +405,7 @@ def test_parser_completes_exactly_at_the_end_however_the_bytes_are_split(case, c
     points = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
     parser = ResponseParser()
     parser.start()
-    results = [parser.feed(raw[a:b]) for a, b in zip(points, points[1:], strict=False)]
+    results = [parser.feed(raw[a:b]) for a, b in itertools.pairwise(points)]
     assert results[-1] == status
     assert not any(results[:-1])
     assert parser.keep_alive is keep_alive

@@ -68,6 +68,8 @@ class ShopSpec:
     fmt: Literal["parquet", "csv"] = "parquet"
 
     def validate(self) -> None:
+        if self.kind not in CATEGORIES_BY_KIND:
+            raise ValueError(f"unknown kind {self.kind!r}")
         n_cat = len(CATEGORIES_BY_KIND[self.kind])
         if self.customers < 1:
             raise ValueError("customers must be >= 1")
@@ -75,8 +77,6 @@ class ShopSpec:
             raise ValueError(f"items must be >= {n_cat} (one per category of a {self.kind} shop)")
         if self.days < 7:
             raise ValueError("days must be >= 7")
-        if self.kind not in CATEGORIES_BY_KIND:
-            raise ValueError(f"unknown kind {self.kind!r}")
         if self.fmt not in ("parquet", "csv"):
             raise ValueError(f"unknown fmt {self.fmt!r}")
 
@@ -154,7 +154,8 @@ def generate_shop(spec: ShopSpec, out: Path, progress: Progress | None = None) -
         camp.click_cust, EMAIL_CLICK, clicked_item, np.ones(len(clicked_item), np.int64), click_price, camp.click_t
     )
     report("repurchases", 0.40)
-    refill = replenish(streams[5], sess.purchases, cu, it, cats, start, p)
+    loyalty = p.repurchase_continue_grocery if spec.kind == "grocery" else p.repurchase_continue_general
+    refill = replenish(streams[5], sess.purchases, cu, it, cats, start, p, loyalty)
 
     report("assemble events", 0.45)
     ev = concat_blocks([*sess.events, *refill, camp.opens, clicks])
@@ -179,11 +180,11 @@ def generate_shop(spec: ShopSpec, out: Path, progress: Progress | None = None) -
         "organic_sessions": n_org,
         "email_sessions": len(camp.click_t),
         "replenishment_purchases": n_refill,
-        "view_to_cart_rate": sess.n_carts / max(sess.n_views, 1),
-        "cart_to_purchase_rate": len(sess.purchases.ts) / max(sess.n_carts, 1),
+        "view_to_cart_rate": round(sess.n_carts / max(sess.n_views, 1), 4),
+        "cart_to_purchase_rate": round(len(sess.purchases.ts) / max(sess.n_carts, 1), 4),
         "customers_without_events": int(spec.customers - len(np.unique(ev.cust))),
     }
-    doc = truth_doc({**asdict(spec), "end": spec.end.isoformat()}, cats, p, cm, start, end, camp, realized)
+    doc = truth_doc({**asdict(spec), "end": spec.end.isoformat()}, cats, p, cm, start, end, camp, realized, loyalty)
     (out / TRUTH_JSON).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     write_npz(out / TRUTH_NPZ, truth_arrays(cu, it, cats, start, camp))
     report("done", 1.0)

@@ -48,7 +48,10 @@ class SimParams:
     promo_share: float = 0.06  # share of item-weeks on promotion
     views_poisson: float = 2.4  # views per session = 1 + Poisson, capped at MAX_VIEWS
     view_gap_mean_s: float = 40.0
-    repurchase_continue: float = 0.8  # chance that each replenishment is followed by another
+    # Chance that each replenishment is followed by another: a grocer's customers stay loyal to their
+    # staples, a general store's customers buy many of them elsewhere.
+    repurchase_continue_general: float = 0.7
+    repurchase_continue_grocery: float = 0.85
     repurchase_gamma_shape: float = 4.0
     email_weekday: int = 1  # Tuesday
     email_hour: int = 9

@@ -217,7 +217,22 @@ def simulate_sessions(
     views = EventBlock.of(cust_m[valid], VIEW, items[valid], ones, price[valid], view_t[valid])
     carts = EventBlock.of(cust_m[carted], CART, items[carted], qty[carted], price[carted], cart_t[carted])
     buys = EventBlock.of(cust_m[bought], PURCHASE, items[bought], qty[bought], price[bought], checkout_m[bought])
+    buys = _first_durable_purchases_only(buys, it, cats)
     return SessionResult([views, carts, buys], items[:, 0].copy(), buys, len(views.ts), len(carts.ts))
+
+
+def _first_durable_purchases_only(buys: EventBlock, it: Items, cats: tuple[CategorySpec, ...]) -> EventBlock:
+    """Nobody buys the same sofa twice: a later checkout of an already bought durable item is abandoned
+    (its add_to_cart stays). Sessions are simulated all at once, so this is settled afterwards in time order."""
+    durable = ~np.array([c.is_consumable for c in cats])[it.category[buys.item]]
+    key = buys.cust * len(it.category) + buys.item
+    order = np.lexsort((buys.ts, key))
+    first = np.ones(len(key), dtype=bool)
+    first[order[1:]] = key[order[1:]] != key[order[:-1]]
+    keep = first | ~durable
+    return EventBlock(
+        buys.cust[keep], buys.etype[keep], buys.item[keep], buys.qty[keep], buys.price[keep], buys.ts[keep]
+    )
 
 
 def _quantity_lambda(c: CategorySpec) -> float:
@@ -257,6 +272,7 @@ def replenish(
     cats: tuple[CategorySpec, ...],
     start: int,
     p: SimParams,
+    continue_p: float,
 ) -> list[EventBlock]:
     """The first purchase of a consumable item starts the customer's replenishment cycle for it: after
     Gamma(shape, mean = category days × customer multiplier) days a short visit view → cart → purchase of
@@ -267,7 +283,7 @@ def replenish(
     order = np.lexsort((buys.ts, key))
     order = order[consumable[order]]
     first = order[np.concatenate(([True], key[order][1:] != key[order][:-1]))] if len(order) else order
-    n_rep = np.minimum(rng.geometric(1.0 - p.repurchase_continue, len(first)) - 1, 60)
+    n_rep = np.minimum(rng.geometric(1.0 - continue_p, len(first)) - 1, 60)
     seed = np.repeat(first, n_rep)
     cust, item = buys.cust[seed], buys.item[seed]
     mean_days = days[it.category[item]] * cu.repurchase_multiplier[cust]

@@ -38,6 +38,7 @@ def truth_doc(
     end: int,
     camp: Campaigns,
     realized: dict[str, Any],
+    repurchase_continue: float,
 ) -> dict[str, Any]:
     return {
         "spec": spec_doc,
@@ -95,7 +96,7 @@ def truth_doc(
             "rule": "the first purchase of a consumable item by a customer starts a replenishment cycle: "
             "after each purchase, with probability continue, the customer buys the same item again after "
             "Gamma(shape, mean = mean_repurchase_days * repurchase_multiplier[c]) days",
-            "continue": p.repurchase_continue,
+            "continue": repurchase_continue,
             "gamma_shape": p.repurchase_gamma_shape,
             "visit": "view_item, add_to_cart 10-120 s later, purchase 20-300 s after that, same quantity as "
             "the first purchase, promo price of the week",

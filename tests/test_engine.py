@@ -1,0 +1,172 @@
+"""The decision pipeline as a plain function: real trained model, hand-built profiles and catalog states."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from engine.catalog import CatalogState
+from engine.pipeline import Request, recommend
+from engine.recmodel import load_rec_model
+from engine.state import ServingState, build_state
+from engine.types import SECONDS_PER_DAY, Context, Profile, PurchaseSummary
+
+NOW = 1_793_000_000.0  # a fixed clock for deterministic due-ness
+TODAY = int(NOW // SECONDS_PER_DAY)
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return load_rec_model(trained.registry.verify(trained.artifact.version))
+
+
+@pytest.fixture(scope="module")
+def state(model, rules) -> ServingState:
+    items = [replace(it, stock=max(it.stock, 5), active=True) for it in model.catalog_snapshot]
+    return build_state(CatalogState.from_items(items, "t"), model, rules)
+
+
+def _known_customer(model) -> str:
+    return str(model.user_ids[len(model.user_ids) // 2])
+
+
+def _ids(decision):
+    return [i.item_id for i in decision.items]
+
+
+def test_known_customer_gets_personal_als_items(state, model):
+    cid = _known_customer(model)
+    d = recommend(state, Request(cid, "home", 10), Profile(cid), now=NOW)
+    assert not d.fallback and len(d.items) == 10
+    assert any("als" in i.reasons for i in d.items)
+    assert [i.position for i in d.items] == list(range(1, 11))
+
+
+def test_unknown_customer_is_never_empty_and_marked_fallback(state):
+    d = recommend(state, Request("nobody", "home", 10), None, now=NOW)
+    assert len(d.items) == 10 and d.fallback and d.fallback_reason == "unknown_customer"
+
+
+def test_unknown_customer_with_context_gets_context_category_bestsellers(state):
+    item = state.catalog.item_ids[0]
+    d = recommend(state, Request("nobody", "pdp", 8, Context(item_id=item)), None, now=NOW)
+    cat = state.catalog.category[state.catalog.index[item]]
+    shown_cats = [state.catalog.category[state.catalog.index[i]] for i in _ids(d)]
+    assert len(d.items) == 8 and d.fallback
+    assert shown_cats.count(cat) >= 4
+
+
+def test_store_failure_falls_back_with_its_reason(state, model):
+    d = recommend(state, Request(_known_customer(model), "home", 6), None, fallback_reason="redis_unavailable", now=NOW)
+    assert d.fallback_reason == "redis_unavailable" and len(d.items) == 6
+
+
+def test_out_of_stock_and_inactive_items_never_appear(state, model):
+    cat = state.catalog
+    stock = cat.stock.copy()
+    active = cat.active.copy()
+    stock[::2] = 0  # half the catalog sells out
+    active[1::4] = False
+    sold_out = replace(cat, stock=stock, active=active)
+    s2 = build_state(sold_out, model, state.rules)
+    unavailable = {cat.item_ids[i] for i in np.flatnonzero((stock == 0) | ~active)}
+    for cid in model.user_ids[:50]:
+        for placement in ("home", "pdp", "cart"):
+            d = recommend(
+                s2, Request(str(cid), placement, 10, Context(item_id=cat.item_ids[3])), Profile(str(cid)), now=NOW
+            )
+            assert len(d.items) == 10
+            assert not unavailable & set(_ids(d))
+
+
+def test_context_items_and_duplicates_are_excluded(state, model):
+    cid = _known_customer(model)
+    ctx = Context(item_id=state.catalog.item_ids[5], cart=(state.catalog.item_ids[6], state.catalog.item_ids[7]))
+    for placement in ("home", "pdp", "cart"):
+        d = recommend(state, Request(cid, placement, 20, ctx), Profile(cid), now=NOW)
+        ids = _ids(d)
+        assert len(ids) == len(set(ids)) == 20
+        assert not set(ctx.item_ids) & set(ids)
+
+
+def _item_in(state: ServingState, repurchasable: bool) -> str:
+    for i, iid in enumerate(state.catalog.item_ids):
+        if bool(state.repurchase_category[state.catalog.category[i]]) == repurchasable:
+            return iid
+    raise AssertionError("no such item")
+
+
+def test_bought_durable_items_are_not_recommended_again(state, model):
+    cid = _known_customer(model)
+    durable = _item_in(state, repurchasable=False)
+    profile = Profile(cid, purchases=(PurchaseSummary(durable, 1, TODAY - 20, TODAY - 20),), recent_views=(durable,))
+    for placement in ("home", "pdp", "cart"):
+        d = recommend(state, Request(cid, placement, 30), profile, now=NOW)
+        assert durable not in _ids(d)
+
+
+def test_consumables_due_for_repurchase_come_back_as_buy_again(state, model):
+    cid = _known_customer(model)
+    consumable = _item_in(state, repurchasable=True)
+    # Bought every ~10 days, last time 10 days ago: due now.
+    profile = Profile(cid, purchases=(PurchaseSummary(consumable, 5, TODAY - 50, TODAY - 10),))
+    d = recommend(state, Request(cid, "home", 10), profile, now=NOW)
+    assert consumable in _ids(d)
+    shown = next(i for i in d.items if i.item_id == consumable)
+    assert "buy_again" in shown.reasons
+
+
+def test_a_placement_allowing_repurchase_brings_back_durables(state, model, rules):
+    home = rules.placements["home"]
+    allowing = rules.model_copy(
+        update={
+            "placements": {
+                "home": home.model_copy(update={"filters": home.filters.model_copy(update={"allow_repurchase": True})})
+            }
+        }
+    )
+    s2 = build_state(state.catalog, model, allowing)
+    cid = _known_customer(model)
+    durable = _item_in(state, repurchasable=False)
+    profile = Profile(cid, purchases=(PurchaseSummary(durable, 4, TODAY - 40, TODAY - 10),))
+    d = recommend(s2, Request(cid, "home", 10), profile, now=NOW)
+    assert durable in _ids(d)
+
+
+def test_at_most_n_items_per_category(state, model, rules):
+    cap = rules.placements["home"].rerank.max_per_category
+    for cid in model.user_ids[:30]:
+        d = recommend(state, Request(str(cid), "home", 10), Profile(str(cid)), now=NOW)
+        cats = [state.catalog.category[state.catalog.index[i]] for i in _ids(d)]
+        assert max(np.bincount(cats)) <= cap
+
+
+def test_a_new_customer_with_views_gets_folded_in_personal_items(state, model):
+    viewed = tuple(state.catalog.item_ids[i] for i in range(10, 14))
+    profile = Profile("brand-new", recent_views=viewed)
+    d = recommend(state, Request("brand-new", "home", 10), profile, now=NOW)
+    assert not d.fallback
+    assert any("als" in i.reasons for i in d.items)
+
+
+def test_no_personalisation_consent_means_nothing_personal(state, model):
+    cid = _known_customer(model)
+    profile = Profile(cid, consents=frozenset({"email"}))
+    d = recommend(state, Request(cid, "home", 10), profile, now=NOW)
+    assert d.fallback and d.fallback_reason == "no_personalization_consent"
+    assert not any({"als", "buy_again", "similar_to_recent"} & set(i.reasons) for i in d.items)
+
+
+def test_without_a_model_bestsellers_by_catalog_popularity_still_fill_the_widget(state, rules):
+    s2 = build_state(state.catalog, None, rules)
+    d = recommend(s2, Request("c1", "home", 10), Profile("c1"), now=NOW)
+    assert d.fallback_reason == "model_unavailable" and len(d.items) == 10
+
+
+def test_limit_larger_than_available_items_returns_all_available(state, model):
+    cat = state.catalog
+    stock = np.zeros_like(cat.stock)
+    stock[:7] = 3
+    s2 = build_state(replace(cat, stock=stock), model, state.rules)
+    d = recommend(s2, Request(_known_customer(model), "home", 20), Profile("x"), now=NOW)
+    assert sorted(_ids(d)) == sorted(cat.item_ids[:7])
