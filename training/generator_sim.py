@@ -254,7 +254,7 @@ def session_starts(rng: np.random.Generator, cu: Customers, start: int) -> tuple
     shifted = (t // DAY) * DAY + hour * 3600 + rng.integers(0, 3600, len(cust))
     t = np.where((shifted >= lo) & (shifted < hi), shifted, t)
     # A customer who signs up inside the window does so during their first session.
-    first = np.concatenate(([0], np.cumsum(n_sess)[:-1]))[n_sess > 0]
+    first = (np.cumsum(n_sess) - n_sess)[n_sess > 0]
     signup = cu.created_at[cust[first]] + rng.integers(5, 300, len(first))
     new = (cu.created_at[cust[first]] >= start) & (signup < hi[first])
     t[first[new]] = signup[new]
@@ -289,7 +289,7 @@ def replenish(
     mean_days = days[it.category[item]] * cu.repurchase_multiplier[cust]
     gap = rng.gamma(p.repurchase_gamma_shape, mean_days / p.repurchase_gamma_shape) * DAY
     csum = np.cumsum(gap)
-    group_start = np.concatenate(([0], np.cumsum(n_rep)[:-1]))[n_rep > 0]
+    group_start = (np.cumsum(n_rep) - n_rep)[n_rep > 0]
     base = np.repeat(csum[group_start] - gap[group_start], n_rep[n_rep > 0])
     view_t = buys.ts[seed] + np.floor(csum - base).astype(np.int64)
     keep = view_t < cu.active_until[cust]

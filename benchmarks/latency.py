@@ -1,0 +1,308 @@
+"""`nextbest bench latency`: the serving path under open-loop load, plus the store and training figures.
+
+Measures, on one machine: request latency per arrival rate against `nextbest serve` (2 workers) on a
+100k-customer × 5k-item shop, the Redis profile read alone, Redis memory per 1M profiles, and ALS
+training time against a bare `implicit` fit of the same matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+from rich.console import Console
+
+from benchmarks.loadgen import LoadResult, Request, max_sustained_rate, run_rate_sweep
+from benchmarks.report import Report
+
+P99_BUDGET_MS = 10.0
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    customers: int
+    items: int
+    days: int
+    rates: tuple[float, ...]
+    duration_s: float
+    profile_reads: int
+    seed: int = 42
+
+
+FULL = BenchSpec(100_000, 5_000, 180, (250, 500, 750, 1000, 1250, 1500, 2000), 20.0, 20_000)
+QUICK = BenchSpec(5_000, 500, 60, (100, 250), 4.0, 2_000)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prepare_shop(spec: BenchSpec, root: Path, console: Console) -> Path:
+    from training.generator import ShopSpec, generate_shop
+
+    shop = root / f"shop-{spec.customers}x{spec.items}x{spec.days}-s{spec.seed}"
+    if not (shop / "events.parquet").exists():
+        with console.status(f"generating {spec.customers:,} customers × {spec.items:,} items × {spec.days} days"):
+            generate_shop(ShopSpec(spec.customers, spec.items, spec.days, spec.seed), shop)
+    return shop
+
+
+def _training_figures(shop_dir: Path, registry_dir: Path, console: Console) -> tuple[dict[str, float], str]:
+    """Our ALS step (matrix build + fit) vs a bare implicit fit of the same matrix, same parameters."""
+    from implicit.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    from engine.registry import Registry
+    from engine.rules import load_rules
+    from training.als import AlsParams, fit_als
+    from training.datafiles import read_shop
+    from training.train import TrainParams, train
+
+    with console.status("reading data, timing ALS against a bare implicit fit"):
+        shop = read_shop(shop_dir)
+        now = int(shop.events["timestamp"].max()) + 1
+        params = AlsParams()
+        item_ids = np.sort(shop.catalog["item_id"].to_numpy(dtype=str))
+        ours, bare = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fit = fit_als(shop.events, item_ids, now, params)
+            ours.append(time.perf_counter() - t0)
+            with threadpool_limits(1, "blas"):  # as implicit itself recommends
+                model = AlternatingLeastSquares(
+                    factors=params.factors,
+                    regularization=params.regularization,
+                    alpha=params.alpha,
+                    iterations=params.iterations,
+                    random_state=params.seed,
+                )
+                t0 = time.perf_counter()
+                model.fit(fit.matrix, show_progress=False)
+                bare.append(time.perf_counter() - t0)
+    with console.status("training the served model version"):
+        t0 = time.perf_counter()
+        artifact, metrics = train(shop_dir, Registry(registry_dir), load_rules(), TrainParams())
+        job = time.perf_counter() - t0
+    disc = metrics.get("discovery", {})
+    figures = {
+        "events": float(len(shop.events)),
+        "nnz": float(fit.matrix.nnz),
+        "ours_s": float(np.median(ours)),
+        "bare_s": float(np.median(bare)),
+        "job_s": job,
+        "als_recall10": float(disc["als"]["recall@10"]) if isinstance(disc, dict) else float("nan"),  # type: ignore[index]
+        "pop_recall10": float(disc["popularity"]["recall@10"]) if isinstance(disc, dict) else float("nan"),  # type: ignore[index]
+    }
+    return figures, artifact.version
+
+
+def _load_and_measure_store(
+    shop_dir: Path, url: str, spec: BenchSpec, console: Console
+) -> tuple[dict[str, float], list[str]]:
+    from feature_store.store import RedisStore
+    from training.datafiles import read_shop
+    from training.load import catalog_items
+    from training.profiles import build_profiles
+
+    shop = read_shop(shop_dir)
+    store = RedisStore(url)
+    store.client.flushdb()
+    before = int(store.client.info("memory")["used_memory"])
+    with console.status("loading profiles into Redis"):
+        t0 = time.perf_counter()
+        n = store.write_profiles(build_profiles(shop))
+        load_s = time.perf_counter() - t0
+        store.write_catalog(catalog_items(shop))
+    after = int(store.client.info("memory")["used_memory"])
+    catalog_bytes = int(store.client.memory_usage(store.keys.catalog_items) or 0)
+    per_profile = (after - before - catalog_bytes) / n
+    ids = shop.customers["customer_id"].tolist()
+    rng = np.random.default_rng(spec.seed)
+    sample = rng.choice(ids, spec.profile_reads)
+    lat = np.empty(len(sample))
+    with console.status("timing single profile reads"):
+        for i, cid in enumerate(sample):
+            t0 = time.perf_counter()
+            store.read_profile(str(cid))
+            lat[i] = (time.perf_counter() - t0) * 1000
+    store.close()
+    return {
+        "profiles": float(n),
+        "load_s": load_s,
+        "bytes_per_profile": per_profile,
+        "gib_per_million": per_profile * 1e6 / 2**30,
+        "read_p50_ms": float(np.percentile(lat, 50)),
+        "read_p99_ms": float(np.percentile(lat, 99)),
+        "read_max_ms": float(lat.max()),
+    }, ids
+
+
+def _requests(ids: list[str], shop_dir: Path, seed: int, n: int = 5_000) -> list[Request]:
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    items = pd.read_parquet(shop_dir / "catalog.parquet", columns=["item_id"])["item_id"].tolist()
+    out = []
+    for k in range(n):
+        cid = str(ids[rng.integers(len(ids))])
+        roll = k % 10
+        if roll < 7:
+            body = {"customer_id": cid, "placement": "home", "limit": 10}
+        elif roll < 9:
+            body = {
+                "customer_id": cid,
+                "placement": "pdp",
+                "context": {"item_id": str(items[rng.integers(len(items))])},
+            }
+        else:
+            cart = [str(items[j]) for j in rng.integers(len(items), size=3)]
+            body = {"customer_id": cid, "placement": "cart", "context": {"cart": cart}}
+        out.append(Request("POST", "/v1/recommendations", orjson.dumps(body), (("content-type", "application/json"),)))
+    return out
+
+
+def _start_server(url: str, registry_dir: Path, port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "NEXTBEST_REGISTRY_DIR": str(registry_dir),
+        "NEXTBEST_DATA_DIR": str(data_dir),
+        "NEXTBEST_LOG_LEVEL": "warning",
+    }
+    exe = Path(sys.executable).with_name("nextbest")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("server not ready in 120 s")
+
+
+def _plot(results: list[LoadResult], report: Report) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rates = [r.rate for r in results]
+    for q, style in ((50, "o-"), (95, "s-"), (99, "^-")):
+        ax.plot(rates, [r.percentile(q) for r in results], style, label=f"p{q}")
+    ax.axhline(P99_BUDGET_MS, color="grey", linestyle="--", label="10 ms budget")
+    ax.set_xlabel("arrival rate (requests/s, open loop)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("POST /v1/recommendations, 2 uvicorn workers")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    report.add_figure(fig, "latency_vs_rate.png", "Latency percentiles per arrival rate (log scale)")
+    plt.close(fig)
+
+
+def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
+    from feature_store.server import EmbeddedRedis
+
+    spec = QUICK if quick else FULL
+    root = Path(os.environ.get("NEXTBEST_DATA_DIR", "var")) / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    report = Report(
+        name="latency-quick" if quick else "latency",
+        title="Serving latency, store and training figures",
+        params={**spec.__dict__, "p99_budget_ms": P99_BUDGET_MS, "workers": 2, "open_loop": True},
+    )
+    shop_dir = _prepare_shop(spec, root, console)
+    report.add_dataset("events", shop_dir / "events.parquet")
+    registry_dir = root / f"registry-{spec.customers}"
+    train_fig, version = _training_figures(shop_dir, registry_dir, console)
+    server = EmbeddedRedis(root / "redis", appendonly=False).start()
+    proc = None
+    try:
+        store_fig, ids = _load_and_measure_store(shop_dir, server.url, spec, console)
+        port = _free_port()
+        proc = _start_server(server.url, registry_dir, port, root)
+        reqs = _requests(ids, shop_dir, spec.seed)
+        console.print(f"open-loop sweep over {list(spec.rates)} req/s, {spec.duration_s:.0f} s each")
+        results = run_rate_sweep(
+            "127.0.0.1",
+            port,
+            reqs,
+            spec.rates,
+            spec.duration_s,
+            timeout_s=2.0,
+            stop_when=lambda r: r.p99 > 20 * P99_BUDGET_MS,
+        )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+        server.stop()
+    sustained = max_sustained_rate(results, P99_BUDGET_MS)
+    report.add_table(
+        "POST /v1/recommendations under open-loop load",
+        ["rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200"],
+        [
+            [
+                r.rate,
+                round(r.achieved_rate, 1),
+                round(r.p50, 2),
+                round(r.p95, 2),
+                round(r.p99, 2),
+                round(r.max, 2),
+                r.errors + r.timeouts,
+                sum(v for k, v in r.status_counts.items() if k != 200),
+            ]
+            for r in results
+        ],
+        note=f"maximum sustained rate (achieved ≥ 97 %, no errors, p99 ≤ {P99_BUDGET_MS:g} ms): "
+        f"{sustained if sustained is not None else 'none'} req/s. The load generator shares the 2 cores.",
+    )
+    report.add_table(
+        "Store and training",
+        ["figure", "value", "target"],
+        [
+            ["Redis profile read alone, p50 (ms)", round(store_fig["read_p50_ms"], 3), ""],
+            ["Redis profile read alone, p99 (ms)", round(store_fig["read_p99_ms"], 3), "≤ 1"],
+            ["bytes per profile in Redis", round(store_fig["bytes_per_profile"], 1), ""],
+            ["Redis memory per 1M profiles (GiB)", round(store_fig["gib_per_million"], 3), "≤ 0.3"],
+            ["profiles loaded / load time (s)", f"{int(store_fig['profiles']):,} / {store_fig['load_s']:.1f}", ""],
+            ["ALS step (matrix + fit), median of 3 (s)", round(train_fig["ours_s"], 2), ""],
+            ["bare implicit fit, same matrix, median of 3 (s)", round(train_fig["bare_s"], 2), ""],
+            ["ratio ours / bare", round(train_fig["ours_s"] / train_fig["bare_s"], 3), "≤ 1.2"],
+            ["whole train job incl. evaluation (s)", round(train_fig["job_s"], 1), ""],
+            [
+                "ALS recall@10 vs popularity (time split)",
+                f"{train_fig['als_recall10']:.3f} vs {train_fig['pop_recall10']:.3f}",
+                "",
+            ],
+        ],
+    )
+    report.add_text(
+        f"Model version {version}; {int(train_fig['events']):,} events, {int(train_fig['nnz']):,} customer-item pairs."
+    )
+    _plot(results, report)
+    report.print(console)
+    path = report.write(out_dir)
+    (out_dir / f"{report.name}.results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
+    console.print(f"report: {path}")
+    return path
+
+
