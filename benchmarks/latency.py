@@ -304,5 +304,3 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     (out_dir / f"{report.name}.results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
     console.print(f"report: {path}")
     return path
-
-

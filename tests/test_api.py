@@ -1,9 +1,9 @@
 """The HTTP API against a real Redis and real trained models."""
 
 import shutil
-from dataclasses import replace
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,7 @@
 """Model quality on the synthetic shops, measured on a time split (figures stored in the manifest)."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def test_on_a_repeat_purchase_shop_the_served_list_beats_own_most_frequent_items
     out = tmp_path / "grocery"
     generate_shop(ShopSpec(customers=3000, items=400, days=120, seed=11, kind="grocery", end=SHOP_END), out)
     _, metrics = train(out, Registry(tmp_path / "reg"), rules, FAST)
-    basket = metrics["next_basket"]
+    basket: Any = metrics["next_basket"]
     assert basket["users"] >= 200
     assert basket["served_home"]["recall@10"] > basket["own_most_frequent"]["recall@10"]
     assert basket["served_home"]["ndcg@10"] > basket["own_most_frequent"]["ndcg@10"]
