@@ -74,7 +74,11 @@ def generate(
 
     if kind not in ("general", "grocery") or fmt not in ("parquet", "csv"):
         raise _fail("--kind must be general|grocery and --format parquet|csv")
-    spec = ShopSpec(customers, items, days, seed, dt.date.fromisoformat(end), kind, fmt)  # type: ignore[arg-type]
+    try:
+        spec = ShopSpec(customers, items, days, seed, dt.date.fromisoformat(end), kind, fmt)  # type: ignore[arg-type]
+        spec.validate()
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     with progress_bar() as bar:
         task = bar.add_task("generating", total=100)
 
@@ -193,6 +197,8 @@ def serve(
     settings = get_settings()
     n_workers = workers or settings.workers
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One BLAS thread per worker: requests are small matrix products, and threads only fight for the cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     with redis_url(settings) as url:
         os.environ["REDIS_URL"] = url
         if n_workers > 1:
