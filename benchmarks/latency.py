@@ -7,7 +7,6 @@ training time against a bare `implicit` fit of the same matrix.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -301,6 +300,7 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     _plot(results, report)
     report.print(console)
     path = report.write(out_dir)
-    (out_dir / f"{report.name}.results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
+    summaries = [r.summary() for r in results]  # orjson writes NaN (a rate with no samples) as null
+    (out_dir / f"{report.name}.results.json").write_bytes(orjson.dumps(summaries, option=orjson.OPT_INDENT_2))
     console.print(f"report: {path}")
     return path

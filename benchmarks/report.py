@@ -22,6 +22,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import psutil
 
 # Benchmarks run headless (CI, ssh, containers); choose Agg before anything imports pyplot.
 matplotlib.use("Agg")
@@ -141,8 +142,6 @@ def environment(started_at: float | None = None) -> dict[str, object]:
 
     started_at is a time.time() value (default: when the process started); wall time runs from it.
     """
-    import psutil
-
     if started_at is None:
         started_at = psutil.Process().create_time()
     commit = _git("rev-parse", "HEAD")
