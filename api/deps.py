@@ -1,4 +1,4 @@
-"""Shared FastAPI dependencies."""
+"""Shared FastAPI dependencies (async: a sync dependency would cost a thread hop per request)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,6 @@ from fastapi import Request
 from api.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class Runtime:
             timeout_s=settings.redis_timeout_ms / 1000.0,
             max_connections=settings.redis_max_connections,
         )
+        # Background refreshes get their own client and a patient timeout: a slow catalog read must
+        # neither fail on the request budget nor trip the request path's circuit breaker.
+        self.background_store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=1.0, max_connections=2)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.status = RefreshStatus()
         self.model: RecModel | None = None
@@ -68,6 +72,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.store.close()
+        await self.background_store.close()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -83,6 +88,9 @@ class Runtime:
         changed = await self._refresh_catalog() or changed
         if changed or self.state is None:
             self._rebuild()
+            # Long-lived model and catalog objects go to the permanent generation, so full garbage
+            # collections (a latency spike on the request path) stop walking them.
+            gc.freeze()
         self.status.last_refresh = time.time()
 
     def _refresh_model(self) -> bool:
@@ -105,19 +113,18 @@ class Runtime:
         return True
 
     async def _refresh_catalog(self) -> bool:
-        if self.breaker.allow():
-            try:
-                version = await self.store.catalog_version()
-                if version is not None and version != self.status.catalog_version:
-                    version, items = await self.store.read_catalog()
-                    if items:
-                        self.catalog = CatalogState.from_items(items, f"redis:{version}")
-                        self.status.catalog_version, self.status.catalog_source = version, "redis"
-                        self.breaker.record_success()
-                        return True
-                self.breaker.record_success()
-            except StoreUnavailableError as exc:
-                self._store_failed("catalog", exc)
+        store = self.background_store
+        try:
+            version = await store.catalog_version()
+            if version is not None and version != self.status.catalog_version:
+                version, items = await store.read_catalog()
+                if items:
+                    self.catalog = CatalogState.from_items(items, f"redis:{version}")
+                    self.status.catalog_version, self.status.catalog_source = version, "redis"
+                    return True
+        except StoreUnavailableError as exc:
+            metrics.REDIS_ERRORS.labels("catalog").inc()
+            log.warning("catalog refresh failed: %s", exc)
         if self.catalog is None and self.model is not None and self.model.catalog_snapshot:
             # Redis has no catalog (or is down) at start: serve the snapshot taken at training time.
             self.catalog = CatalogState.from_items(self.model.catalog_snapshot, f"model:{self.model.version}")
@@ -170,7 +177,7 @@ class Runtime:
         return decision
 
     async def readiness(self) -> dict[str, object]:
-        redis_ok = await self.store.ping()
+        redis_ok = await self.background_store.ping()
         return {
             "ready": redis_ok and self.model is not None and self.state is not None,
             "redis": redis_ok,

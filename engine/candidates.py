@@ -86,7 +86,9 @@ def neighbours(state: ServingState, seeds: IntArray, seed_weights: FloatArray, n
         return Candidates.empty(source)
     order = np.lexsort((-flat_sim, flat_idx))  # by item, best similarity first
     flat_idx, flat_sim = flat_idx[order], flat_sim[order]
-    first = np.r_[True, flat_idx[1:] != flat_idx[:-1]]
+    first = np.empty(len(flat_idx), dtype=np.bool_)
+    first[0] = True
+    np.not_equal(flat_idx[1:], flat_idx[:-1], out=first[1:])
     idx, score = flat_idx[first], flat_sim[first]
     top = np.argsort(-score, kind="stable")[:n]
     idx, score = idx[top], score[top]

@@ -44,7 +44,7 @@ class Request:
 def _excluded(state: ServingState, placement: Placement, profile: Profile | None, context: Context) -> BoolArray:
     """Items that must not be shown: unavailable, in the context, or bought and not repurchasable."""
     cat = state.catalog
-    banned = ~cat.available
+    banned = ~state.available
     if placement.filters.exclude_context:
         banned[cat.indices(context.item_ids)] = True
     if placement.filters.exclude_purchased and not placement.filters.allow_repurchase and profile is not None:
@@ -121,7 +121,7 @@ def recommend(
         source_bits[c.idx] |= np.uint16(1 << REASON_BITS.index(c.source))
 
     banned = _excluded(state, placement, profile, req.context)
-    final, margin_term = blend(state, affinity, placement.rerank)
+    final, margin_term = blend(state, req.placement, affinity, placement.rerank)
     ranked = rank(final, found & ~banned)
     chosen, overflow = diversify(ranked, state.catalog.category, placement.rerank.max_per_category)
     chosen = chosen[: req.limit]

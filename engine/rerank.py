@@ -9,15 +9,16 @@ from engine.rules import Rerank
 from engine.state import ServingState
 
 
-def blend(state: ServingState, affinity: FloatArray, rerank: Rerank) -> tuple[FloatArray, FloatArray]:
-    """Final score = affinity·w + margin·w + stock level·w; also returns each item's margin term."""
-    cat = state.catalog
+def blend(state: ServingState, placement: str, affinity: FloatArray, rerank: Rerank) -> tuple[FloatArray, FloatArray]:
+    """Final score = affinity·w + margin·w + stock level·w; also returns each item's margin term.
+
+    The margin and stock terms depend only on the catalog and the placement, so they are precomputed
+    in the serving state; a request adds its affinity.
+    """
+    value, margin_term = state.value_terms[placement]
     peak = float(affinity.max()) if len(affinity) else 0.0
-    aff = affinity / peak if peak > 0 else affinity
-    stock_level = np.minimum(cat.stock.astype(np.float32) / rerank.stock_reference, 1.0)
-    margin_term = rerank.margin * cat.margin
-    final = rerank.affinity * aff + margin_term + rerank.stock * stock_level
-    return final.astype(np.float32), margin_term.astype(np.float32)
+    scale = rerank.affinity / peak if peak > 0 else 0.0
+    return (affinity * np.float32(scale) + value).astype(np.float32, copy=False), margin_term
 
 
 def diversify(order: IntArray, categories: IntArray, max_per_category: int) -> tuple[IntArray, IntArray]:
@@ -31,8 +32,11 @@ def diversify(order: IntArray, categories: IntArray, max_per_category: int) -> t
     cats = categories[order]
     by_cat = np.argsort(cats, kind="stable")
     sorted_cats = cats[by_cat]
-    starts = np.flatnonzero(np.r_[True, sorted_cats[1:] != sorted_cats[:-1]])
-    run_start = np.repeat(starts, np.diff(np.r_[starts, len(sorted_cats)]))
+    boundary = np.empty(len(sorted_cats), dtype=np.bool_)
+    boundary[0] = True
+    np.not_equal(sorted_cats[1:], sorted_cats[:-1], out=boundary[1:])
+    starts = np.flatnonzero(boundary)
+    run_start = np.repeat(starts, np.diff(np.append(starts, len(sorted_cats))))
     rank_in_cat = np.empty(len(order), dtype=np.int64)
     rank_in_cat[by_cat] = np.arange(len(order)) - run_start
     within = rank_in_cat < max_per_category

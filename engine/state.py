@@ -31,6 +31,8 @@ class ServingState:
     bestsellers_by_category: Mapping[int, IntArray]
     repurchase_category: BoolArray  # per category code
     repurchase_days: FloatArray  # per category code
+    available: BoolArray  # active and in stock
+    value_terms: Mapping[str, tuple[FloatArray, FloatArray]]  # placement -> (margin + stock terms, margin term)
 
     @property
     def model_version(self) -> str | None:
@@ -80,6 +82,13 @@ def build_state(catalog: CatalogState, model: RecModel | None, rules: Rules) -> 
         best = np.argsort(-catalog.popularity, kind="stable").astype(np.int64)
     if not by_cat:
         by_cat = {c: best[catalog.category[best] == c] for c in range(ncat)}
+    margin = catalog.margin
+    value_terms = {}
+    for name, placement in rules.placements.items():
+        rr = placement.rerank
+        stock_level = np.minimum(catalog.stock.astype(np.float32) / rr.stock_reference, 1.0)
+        margin_term = (rr.margin * margin).astype(np.float32)
+        value_terms[name] = ((margin_term + rr.stock * stock_level).astype(np.float32), margin_term)
     return ServingState(
         catalog=catalog,
         model=model,
@@ -92,4 +101,6 @@ def build_state(catalog: CatalogState, model: RecModel | None, rules: Rules) -> 
         bestsellers_by_category=by_cat,
         repurchase_category=repurchase,
         repurchase_days=days,
+        available=catalog.available,
+        value_terms=value_terms,
     )

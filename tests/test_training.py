@@ -69,3 +69,35 @@ def test_the_served_version_has_factors_for_every_item_and_active_customer(train
     assert model.item_factors.shape == (len(model.item_ids), FAST.als.factors)
     assert active <= set(model.user_ids.tolist())
     assert all(model.user_vector(c) is not None for c in list(active)[:50])
+
+
+def test_interaction_matrix_matches_a_naive_sum():
+    import pandas as pd
+
+    from training.als import EVENT_WEIGHT
+
+    rng = np.random.default_rng(5)
+    n = 400
+    types = rng.choice(["view_item", "add_to_cart", "purchase", "email_open", "email_click"], n)
+    items = np.array([f"i{k}" for k in rng.integers(0, 12, n)], dtype=object)
+    items[types == "email_open"] = ""
+    ev = pd.DataFrame(
+        {
+            "customer_id": [f"c{k}" for k in rng.integers(0, 30, n)],
+            "type": types,
+            "item_id": items,
+            "timestamp": rng.integers(0, 60 * 86400, n),
+        }
+    )
+    item_ids = np.array(sorted({f"i{k}" for k in range(12)}))
+    now = 60 * 86400
+    users, m = interaction_matrix(ev, item_ids, now, 30.0)
+    assert list(users) == sorted(users)
+    expected: dict[tuple[str, str], float] = {}
+    for row in ev.itertuples():
+        w = EVENT_WEIGHT[row.type] * 0.5 ** ((now - row.timestamp) / 86400 / 30.0)
+        if w > 0 and row.item_id:
+            expected[(row.customer_id, row.item_id)] = expected.get((row.customer_id, row.item_id), 0.0) + w
+    got = {(users[u], item_ids[i]): m[u, i] for u, i in zip(*m.nonzero(), strict=True)}
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(expected[k], rel=1e-5) for k in got)

@@ -40,16 +40,34 @@ class AlsFit:
 def interaction_matrix(
     events: pd.DataFrame, item_ids: npt.NDArray[np.str_], now: int, half_life_days: float
 ) -> tuple[npt.NDArray[np.str_], sp.csr_matrix]:
-    """Users × items matrix of summed event weights, each halved every `half_life_days` of age."""
-    ev = events[(events["item_id"] != "") & events["type"].map(EVENT_WEIGHT).gt(0)]
-    users, user_codes = np.unique(ev["customer_id"].to_numpy(dtype=str), return_inverse=True)
-    item_codes = np.searchsorted(item_ids, ev["item_id"].to_numpy(dtype=str))
-    age = (now - ev["timestamp"].to_numpy()) / SECONDS_PER_DAY
-    w = ev["type"].map(EVENT_WEIGHT).to_numpy() * np.power(0.5, np.maximum(age, 0) / half_life_days)
-    m = sp.coo_matrix((w.astype(np.float32), (user_codes, item_codes)), shape=(len(users), len(item_ids)))
+    """Users × items matrix of summed event weights, each halved every `half_life_days` of age.
+
+    Hash-based codes (pandas factorize / get_indexer) instead of sorting millions of id strings.
+    """
+    type_codes, type_names = pd.factorize(events["type"], sort=False)
+    type_weight = np.array([EVENT_WEIGHT.get(str(t), 0.0) for t in type_names], dtype=np.float32)
+    w_type = type_weight[type_codes] if len(type_names) else np.zeros(len(events), dtype=np.float32)
+    # Factorise the (Arrow-backed) id columns, then map only the few distinct items to catalog rows.
+    item_local, item_uniques = pd.factorize(events["item_id"], sort=False)
+    item_map = pd.Index(item_ids).get_indexer(pd.Index(item_uniques))
+    item_codes = np.where(item_local >= 0, item_map[np.maximum(item_local, 0)], -1) if len(item_map) else item_local
+    keep = (w_type > 0) & (item_codes >= 0)
+    user_all, user_uniques = pd.factorize(events["customer_id"], sort=False)
+    used = np.zeros(len(user_uniques), dtype=bool)
+    used[user_all[keep]] = True
+    row_of = np.cumsum(used) - 1  # compact: customers with no weighted event get no row
+    users = np.asarray(user_uniques, dtype=str)[used]
+    order = np.argsort(users)  # rows sorted by customer id, so lookups can binary-search
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    users = users[order]
+    user_codes = rank[row_of[user_all[keep]]]
+    age = (now - events["timestamp"].to_numpy()[keep]) / SECONDS_PER_DAY
+    w = w_type[keep] * np.exp2(-np.maximum(age, 0) / half_life_days).astype(np.float32)
+    m = sp.coo_matrix((w.astype(np.float32), (user_codes, item_codes[keep])), shape=(len(users), len(item_ids)))
     csr = m.tocsr()
     csr.sum_duplicates()
-    return users.astype(str), csr
+    return users, csr
 
 
 def fit_matrix(matrix: sp.csr_matrix, params: AlsParams) -> tuple[F32, F32, float]:
