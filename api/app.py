@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from api.bodies import BodyError, install_openapi
 from api.routes import health, recommendations
 from api.runtime import NotReadyError, Runtime
+from api.schemas import RecommendationRequest
 from api.settings import Settings, get_settings
 
 log = logging.getLogger("nextbest")
@@ -38,6 +40,12 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app.state.runtime = runtime
     app.include_router(recommendations.router)
     app.include_router(health.router)
+
+    install_openapi(app, [RecommendationRequest])
+
+    @app.exception_handler(BodyError)
+    async def invalid_body(_request: Request, exc: BodyError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": exc.errors})
 
     @app.exception_handler(NotReadyError)
     async def not_ready(_request: Request, exc: NotReadyError) -> JSONResponse:

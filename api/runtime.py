@@ -45,15 +45,10 @@ class Runtime:
         self.settings = settings
         self.rules: Rules = load_rules(settings.rules_file)
         self.registry = Registry(settings.registry_path)
-        self.store = AsyncRedisStore(
-            redis_url,
-            Keys(settings.key_prefix),
-            timeout_s=settings.redis_timeout_ms / 1000.0,
-            max_connections=settings.redis_max_connections,
-        )
+        self.store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=settings.redis_timeout_ms / 1000.0)
         # Background refreshes get their own client and a patient timeout: a slow catalog read must
         # neither fail on the request budget nor trip the request path's circuit breaker.
-        self.background_store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=1.0, max_connections=2)
+        self.background_store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=1.0)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.status = RefreshStatus()
         self.model: RecModel | None = None

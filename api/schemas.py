@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[^\s{}]{1,128}$"
+ItemId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class RecommendationContext(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: str | None = Field(None, pattern=ID_PATTERN, description="the item on the page")
-    cart: list[str] = Field(default_factory=list, max_length=100, description="item ids in the cart")
+    cart: list[ItemId] = Field(default_factory=list, max_length=100, description="item ids in the cart")
 
 
 class RecommendationRequest(BaseModel):

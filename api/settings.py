@@ -25,7 +25,6 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(2, ge=1, le=64)
     redis_timeout_ms: float = Field(20.0, gt=0, le=5000, description="budget for one Redis round trip")
-    redis_max_connections: int = Field(64, ge=1, le=10_000)
     breaker_failures: int = Field(3, ge=1, description="consecutive Redis failures that open the circuit")
     breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
     refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")

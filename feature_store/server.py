@@ -6,7 +6,6 @@ data directory, so a profile loaded by `nextbest load` is still there when `next
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -111,9 +110,8 @@ class EmbeddedRedis:
         if self.process is None:
             return
         if self.process.poll() is None:
-            # Shutdown closes the connection under us; the wait below is what counts.
-            with contextlib.suppress(redis.RedisError):
-                self._client().shutdown(nosave=False)
+            # SIGTERM is Redis's graceful shutdown: it fsyncs the append-only file and removes the socket.
+            self.process.terminate()
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
+from typing import Any
 
 import orjson
 import redis
-import redis.asyncio as aredis
 
 from engine.catalog import CatalogItem
 from engine.types import Profile
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile
+from feature_store.resp import LeanRedis, RespConnectionError, RespError
 
 BATCH = 2_000
 
@@ -120,48 +121,40 @@ class RedisStore:
 
 
 class AsyncRedisStore:
-    """The request path: every read is one round trip, bounded by a timeout."""
+    """The request path: every read is one round trip, bounded by a timeout (see feature_store.resp)."""
 
-    def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 0.02, max_connections: int = 64) -> None:
-        self.client = aredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=max_connections,
-            retry_on_timeout=False,
-            retry=None,
-        )
+    def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 0.02) -> None:
+        self.client = LeanRedis(url, timeout_s)
         self.keys = keys or Keys()
 
-    async def read_profile(self, customer_id: str) -> Profile | None:
+    async def _run(self, what: str, *commands: tuple[str, ...]) -> list[Any]:
         try:
-            raw = await self.client.get(self.keys.profile(customer_id))
-        except (redis.RedisError, OSError) as exc:
-            raise StoreUnavailableError(f"profile read failed: {type(exc).__name__}: {exc}") from exc
+            return await self.client.pipeline(commands)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            raise StoreUnavailableError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def read_profile(self, customer_id: str) -> Profile | None:
+        (raw,) = await self._run("profile read", ("GET", self.keys.profile(customer_id)))
         return _profile(customer_id, raw)
 
     async def catalog_version(self) -> str | None:
-        try:
-            v = await self.client.get(self.keys.catalog_version)
-        except (redis.RedisError, OSError) as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        (v,) = await self._run("catalog version read", ("GET", self.keys.catalog_version))
         return _text(v)
 
     async def read_catalog(self) -> tuple[str | None, list[CatalogItem]]:
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.keys.catalog_version)
-                pipe.hgetall(self.keys.catalog_items)
-                version, raw = await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            raise StoreUnavailableError(str(exc)) from exc
-        return _text(version), _decode_items(raw)
+        k = self.keys
+        replies = await self._run(
+            "catalog read", ("MULTI",), ("GET", k.catalog_version), ("HGETALL", k.catalog_items), ("EXEC",)
+        )
+        version, flat = replies[-1]
+        return _text(version), _decode_items(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
-        except (redis.RedisError, OSError):
+            await self._run("ping", ("PING",))
+        except StoreUnavailableError:
             return False
+        return True
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()

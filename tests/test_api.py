@@ -118,7 +118,11 @@ def test_health_readiness_and_metrics(client):
 
 def test_openapi_docs_are_served(client):
     assert client.get("/docs").status_code == 200
-    assert "/v1/recommendations" in client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/recommendations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    name = body["$ref"].rsplit("/", 1)[-1]
+    assert set(spec["components"]["schemas"][name]["properties"]) == {"customer_id", "placement", "limit", "context"}
+    assert "RecommendationContext" in spec["components"]["schemas"]
 
 
 def test_a_new_registry_version_is_picked_up_without_restart(client, registry_copy, shop_dir, rules):

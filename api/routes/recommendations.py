@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 
-from api.deps import get_runtime
+from api.bodies import body_spec, parse_body
 from api.runtime import Runtime
 from api.schemas import RecommendationRequest, RecommendationResponse, ValidationErrorBody
 from engine.pipeline import Request
@@ -44,8 +43,11 @@ def _body(d: Decision) -> bytes:
     response_model=RecommendationResponse,
     responses={422: {"model": ValidationErrorBody, "description": "invalid request; `loc` names the field"}},
     summary="Recommend products for a placement",
+    openapi_extra=body_spec(RecommendationRequest),
 )
-async def recommendations(body: RecommendationRequest, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+async def recommendations(request: HttpRequest) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    body = parse_body(await request.body(), RecommendationRequest)
     placements = runtime.rules.placements
     placement = placements.get(body.placement)
     if placement is None:
@@ -53,16 +55,6 @@ async def recommendations(body: RecommendationRequest, runtime: Annotated[Runtim
     limit = body.limit or placement.default_limit
     if limit > placement.max_limit:
         return _invalid("limit", f"at most {placement.max_limit} for placement {body.placement!r}")
-    for n, item in enumerate(body.context.cart):
-        if not item or len(item) > 128 or any(ch.isspace() or ch in "{}" for ch in item):
-            return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": [
-                        {"loc": ["body", "context", "cart", n], "msg": "not a valid item id", "type": "value_error"}
-                    ]
-                },
-            )
     req = Request(body.customer_id, body.placement, limit, Context(body.context.item_id, tuple(body.context.cart)))
     decision = await runtime.recommend(req)
     return Response(_body(decision), media_type="application/json")

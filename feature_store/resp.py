@@ -1,0 +1,166 @@
+"""A lean asyncio Redis client for the request path: one multiplexed connection, replies in FIFO order.
+
+redis-py's asyncio client spends ~100 µs of Python per command (pool, locks, packing); a decision has a
+budget of a few milliseconds, so the request path talks RESP directly: commands are written on one
+persistent connection (unix socket or TCP) and each waits for its reply with a deadline. A command
+that times out leaves its slot in the FIFO, and its late reply is dropped when it arrives. Parsing is
+hiredis (C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+
+Arg = bytes | str | int | float
+
+
+class RespError(Exception):
+    """Redis answered with an error reply."""
+
+
+class RespConnectionError(ConnectionError):
+    """The connection could not be made, was lost, or is overloaded."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    unix_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        u = urlparse(url)
+        query = parse_qs(u.query)
+        db = int(query.get("db", ["0"])[0])
+        password = unquote(u.password) if u.password else None
+        username = unquote(u.username) if u.username else None
+        if u.scheme == "unix":
+            return cls(unix_path=u.path, db=db, username=username, password=password)
+        if u.scheme != "redis":
+            raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (use redis:// or unix://)")
+        if u.path and u.path.strip("/"):
+            db = int(u.path.strip("/"))
+        return cls(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db, username=username, password=password)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not self.pending:
+                # A reply nobody asked for: the stream is out of step, so drop the connection.
+                self._fail(RespConnectionError("unexpected reply from Redis"))
+                return
+            fut = self.pending.popleft()
+            if fut.done():
+                continue  # its caller gave up (timeout); the late reply is discarded
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(RespError(str(reply)))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RespConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class LeanRedis:
+    def __init__(self, url: str, timeout_s: float, max_pending: int = 10_000) -> None:
+        self.endpoint = Endpoint.from_url(url)
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connection(self) -> _Protocol:
+        proto = self._proto
+        if proto is not None and proto.lost is None:
+            return proto
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._proto is not None and self._proto.lost is None:
+                return self._proto
+            self._proto = await self._connect()
+            return self._proto
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        ep = self.endpoint
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if ep.unix_path:
+                    _, proto = await loop.create_unix_connection(_Protocol, ep.unix_path)
+                else:
+                    _, proto = await loop.create_connection(_Protocol, ep.host, ep.port)
+        except (OSError, TimeoutError) as exc:
+            raise RespConnectionError(f"cannot connect to Redis: {exc or type(exc).__name__}") from exc
+        setup: list[tuple[Arg, ...]] = []
+        if ep.password is not None:
+            setup.append(("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password))
+        if ep.db:
+            setup.append(("SELECT", ep.db))
+        if setup:
+            await self._send(proto, setup)
+        return proto
+
+    async def _send(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        if len(proto.pending) + len(commands) > self.max_pending:
+            raise RespConnectionError(f"more than {self.max_pending} commands waiting on Redis")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        proto.pending.extend(futures)
+        assert proto.transport is not None
+        proto.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return [await f for f in futures]
+        finally:
+            for f in futures:
+                if not f.done():
+                    f.cancel()
+
+    async def execute(self, *args: Arg) -> Any:
+        proto = await self._connection()
+        return (await self._send(proto, [args]))[0]
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Several commands in one write and one round trip; replies in order (RespError on an error reply)."""
+        proto = await self._connection()
+        return await self._send(proto, commands)
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()

@@ -1,0 +1,106 @@
+"""The lean request-path Redis client against a real server: replies, errors, timeouts, reconnects."""
+
+import asyncio
+
+import pytest
+import redis
+
+from feature_store.resp import Endpoint, LeanRedis, RespConnectionError, RespError
+from feature_store.server import EmbeddedRedis
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_replies_arrive_in_order_for_concurrent_commands(redis_url, keys):
+    async def main():
+        c = LeanRedis(redis_url, 1.0)
+        await c.pipeline([("SET", f"{keys.prefix}:k{i}", str(i)) for i in range(200)])
+        got = await asyncio.gather(*(c.execute("GET", f"{keys.prefix}:k{i}") for i in range(200)))
+        await c.close()
+        return got
+
+    assert run(main()) == [str(i).encode() for i in range(200)]
+
+
+def test_an_error_reply_raises_and_the_connection_stays_usable(redis_url, keys):
+    async def main():
+        c = LeanRedis(redis_url, 1.0)
+        await c.execute("SET", f"{keys.prefix}:s", "x")
+        with pytest.raises(RespError, match="WRONGTYPE"):
+            await c.execute("HGETALL", f"{keys.prefix}:s")
+        value = await c.execute("GET", f"{keys.prefix}:s")
+        await c.close()
+        return value
+
+    assert run(main()) == b"x"
+
+
+def test_a_paused_server_gives_timeouts_and_late_replies_are_dropped(redis_url, keys):
+    admin = redis.Redis.from_url(redis_url)
+
+    async def main():
+        c = LeanRedis(redis_url, 0.05)
+        await c.execute("SET", f"{keys.prefix}:p", "1")
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        with pytest.raises(TimeoutError):
+            await c.execute("GET", f"{keys.prefix}:p")
+        await asyncio.sleep(0.4)  # the pause ends; the late reply arrives and must be discarded
+        await c.execute("SET", f"{keys.prefix}:p", "2")
+        value = await c.execute("GET", f"{keys.prefix}:p")
+        await c.close()
+        return value
+
+    assert run(main()) == b"2"
+
+
+def test_a_stopped_server_fails_fast_and_a_restarted_one_is_reconnected(tmp_path):
+    server = EmbeddedRedis(tmp_path / "r", appendonly=True).start()
+
+    async def main():
+        c = LeanRedis(server.url, 0.2)
+        await c.execute("SET", "k", "v")
+        server.stop()
+        with pytest.raises(RespConnectionError):
+            await c.execute("GET", "k")
+        with pytest.raises(RespConnectionError):
+            await c.execute("GET", "k")  # reconnect attempt fails: nothing listens
+        server.start()
+        value = await c.execute("GET", "k")
+        await c.close()
+        return value
+
+    try:
+        assert run(main()) == b"v"
+    finally:
+        server.stop()
+
+
+def test_too_many_waiting_commands_are_refused(redis_url):
+    async def main():
+        c = LeanRedis(redis_url, 1.0, max_pending=5)
+        with pytest.raises(RespConnectionError, match="waiting"):
+            await c.pipeline([("PING",)] * 6)
+        assert await c.execute("PING") == b"PONG"
+        await c.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("unix:///tmp/r.sock?db=2", Endpoint(unix_path="/tmp/r.sock", db=2)),
+        ("redis://localhost:6380/3", Endpoint(host="localhost", port=6380, db=3)),
+        ("redis://:s%40cret@10.0.0.1", Endpoint(host="10.0.0.1", password="s@cret")),
+        ("redis://app:pw@h:1/0", Endpoint(host="h", port=1, username="app", password="pw")),
+    ],
+)
+def test_redis_urls_are_parsed(url, expected):
+    assert Endpoint.from_url(url) == expected
+
+
+def test_an_unknown_scheme_is_refused():
+    with pytest.raises(ValueError, match="scheme"):
+        Endpoint.from_url("http://localhost")
