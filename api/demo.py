@@ -40,8 +40,9 @@ def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, t
     head = f"{body['placement']} for {body['customer_id']}" + (f" (context {ctx})" if ctx else "")
     flag = f" [yellow]fallback: {data['fallback_reason']}[/yellow]" if data.get("fallback") else ""
     table = Table(title=f"{head}{flag}", title_justify="left")
-    for col in ("#", "item", "title", "category", "price", "score", "reasons"):
+    for col in ("#", "item", "title", "category", "price", "score"):
         table.add_column(col)
+    table.add_column("reasons", overflow="fold")
     for it in data["items"]:
         title, cat, price = titles.get(it["item_id"], ("?", "?", 0.0))
         table.add_row(
@@ -110,7 +111,10 @@ def run_demo(
                 for r in catalog.itertuples()  # type: ignore[misc]
             }
             events = pd.read_parquet(shop_dir / "events.parquet", columns=["customer_id", "type", "item_id"])
-            buyers = events[events["type"] == "purchase"]["customer_id"].value_counts()
+            customers = pd.read_parquet(shop_dir / "customers.parquet")
+            consenting = set(customers[customers["consent_personalization"]]["customer_id"])
+            purchases = events[(events["type"] == "purchase") & events["customer_id"].isin(consenting)]
+            buyers = purchases["customer_id"].value_counts()
             heavy = str(buyers.index[0])
             typical = str(buyers.index[len(buyers) // 2])
             item = str(events[events["type"] == "view_item"]["item_id"].value_counts().index[0])
