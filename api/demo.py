@@ -111,8 +111,8 @@ def run_demo(
                 for r in catalog.itertuples()  # type: ignore[misc]
             }
             events = pd.read_parquet(shop_dir / "events.parquet", columns=["customer_id", "type", "item_id"])
-            customers: pd.DataFrame = pd.read_parquet(shop_dir / "customers.parquet")
-            consenting = set(customers.loc[customers["consent_personalization"].astype(bool), "customer_id"])
+            people = pd.read_parquet(shop_dir / "customers.parquet")
+            consenting = set(people.loc[people["consent_personalization"].astype(bool), "customer_id"])
             purchases = events[(events["type"] == "purchase") & events["customer_id"].isin(consenting)]
             buyers = purchases["customer_id"].value_counts()
             heavy = str(buyers.index[0])
