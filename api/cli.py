@@ -199,12 +199,14 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One BLAS thread per worker: requests are small matrix products, and threads only fight for the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    with redis_url(settings) as url:
+    prom = settings.data_dir / f"prometheus-{os.getpid()}"
+    with redis_url(settings) as url, contextlib.ExitStack() as cleanup:
         os.environ["REDIS_URL"] = url
         if n_workers > 1:
-            prom = settings.data_dir / f"prometheus-{os.getpid()}"
+            # Workers write their metrics to files here; /metrics sums them across workers.
             shutil.rmtree(prom, ignore_errors=True)
             prom.mkdir(parents=True)
+            cleanup.callback(shutil.rmtree, prom, ignore_errors=True)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom.resolve())
         uvicorn.run(
             "api.app:create_app",

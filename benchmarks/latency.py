@@ -59,12 +59,11 @@ def _prepare_shop(spec: BenchSpec, root: Path, console: Console) -> Path:
 
 def _training_figures(shop_dir: Path, registry_dir: Path, console: Console) -> tuple[dict[str, float], str]:
     """Our ALS step (matrix build + fit) vs a bare implicit fit of the same matrix, same parameters."""
-    from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     from engine.registry import Registry
     from engine.rules import load_rules
-    from training.als import AlsParams, fit_als
+    from training.als import AlsParams, fit_als, new_implicit_model
     from training.datafiles import read_shop
     from training.train import TrainParams, train
 
@@ -79,13 +78,7 @@ def _training_figures(shop_dir: Path, registry_dir: Path, console: Console) -> t
             fit = fit_als(shop.events, item_ids, now, params)
             ours.append(time.perf_counter() - t0)
             with threadpool_limits(1, "blas"):  # as implicit itself recommends
-                model = AlternatingLeastSquares(
-                    factors=params.factors,
-                    regularization=params.regularization,
-                    alpha=params.alpha,
-                    iterations=params.iterations,
-                    random_state=params.seed,
-                )
+                model = new_implicit_model(params)
                 t0 = time.perf_counter()
                 model.fit(fit.matrix, show_progress=False)
                 bare.append(time.perf_counter() - t0)

@@ -1,23 +1,22 @@
-"""Open-loop HTTP/1.1 load generator: fixed or Poisson arrivals, latency measured from the scheduled send
-time (no coordinated omission), a keep-alive connection pool on asyncio Protocols, loopback targets only."""
+"""Open-loop HTTP/1.1 load generator: sends on a fixed or Poisson schedule (benchmarks.pacing) over a keep-alive
+pool of asyncio connections to a loopback server, latency measured from each scheduled send time."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import ipaddress
 import math
-import os
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 import numpy as np
+
+from benchmarks.http_wire import ProtocolError, ResponseParser, encode_request, host_header
+from benchmarks.pacing import Clock, LoopClock, make_clock, schedule
 
 __all__ = [
     "LoadResult",
@@ -32,8 +31,11 @@ __all__ = [
     "schedule",
 ]
 
-# A response head larger than this is not something our server sends; refuse it rather than buffer forever.
-_MAX_HEAD_BYTES: Final = 64 * 1024
+# Seams kept under their old names: the tests swap _make_clock for _LoopClock to exercise the fallback clock,
+# which only takes effect because _Run.drive() looks the factory up in this module.
+_make_clock = make_clock
+_LoopClock = LoopClock
+
 # Timeouts are checked by a periodic sweep instead of one timer per request: that keeps the per-request
 # cost to a few list operations, at the price of timeouts firing up to this late (irrelevant next to
 # timeouts of a second or more).
@@ -160,312 +162,6 @@ def check_loopback(host: str) -> None:
             raise ValueError(f"refusing host {host!r} ({address}): the load generator only targets loopback")
 
 
-def schedule(
-    rate: float, duration_s: float, *, warmup_s: float = 0.0, poisson: bool = False, seed: int = 0
-) -> tuple[np.ndarray, int]:
-    """Send times in seconds from the start, and how many of them fall in the warm-up.
-
-    The measured window is [warmup_s, warmup_s + duration_s); a fixed schedule puts a request exactly
-    at warmup_s + k / rate.
-    """
-    if not (rate > 0 and duration_s > 0 and warmup_s >= 0):
-        raise ValueError(f"need rate > 0, duration_s > 0, warmup_s >= 0; got {rate}, {duration_s}, {warmup_s}")
-    if not poisson:
-        n_warm = math.floor(warmup_s * rate + 1e-9)
-        n_meas = max(1, round(duration_s * rate))
-        return warmup_s + np.arange(-n_warm, n_meas, dtype=np.float64) / rate, n_warm
-    rng = np.random.default_rng(seed)
-    end = warmup_s + duration_s
-    expected = end * rate
-    gaps = rng.exponential(1.0 / rate, size=int(expected + 6 * math.sqrt(expected) + 16))
-    times = np.cumsum(gaps)
-    while times[-1] < end:  # astronomically rare with the 6-sigma margin, but never silently short
-        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / rate, size=len(times)))])
-    times = times[times < end]
-    return times, int(np.searchsorted(times, warmup_s))
-
-
-def _encode(request: Request | tuple[str, str, bytes], host_header: str) -> tuple[bytes, bool]:
-    if not isinstance(request, Request):
-        request = Request(*request)
-    method = request.method.upper()
-    # The bytes go on the wire verbatim: refuse what would split or smuggle a request.
-    if not method.isalpha() or not request.path.startswith("/") or any(c.isspace() for c in request.path):
-        raise ValueError(f"malformed request line in {request!r}: method letters only, path from '/', no spaces")
-    if any("\r" in part or "\n" in part for header in request.headers for part in header):
-        raise ValueError(f"line break in a header of {request!r}")
-    names = {name.lower() for name, _ in request.headers}
-    if names & {"content-length", "transfer-encoding", "host"}:
-        raise ValueError(f"{request!r}: Content-Length, Transfer-Encoding and Host are set by the generator")
-    lines = [f"{method} {request.path} HTTP/1.1", f"Host: {host_header}"]
-    if "user-agent" not in names:
-        lines.append("User-Agent: nextbest-loadgen")
-    if request.body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(request.body)}")
-        if request.body and "content-type" not in names:
-            lines.append("Content-Type: application/json")
-    lines.extend(f"{name}: {value}" for name, value in request.headers)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head + request.body, method == "HEAD"
-
-
-class ProtocolError(Exception):
-    """The server's bytes are not a well-formed HTTP/1.1 response."""
-
-
-_IDLE, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE = range(8)
-
-
-class ResponseParser:
-    """Incremental HTTP/1.1 response parser for one request at a time (the client never pipelines).
-
-    feed() returns the status code once the whole response, body included, has arrived, else 0.
-    """
-
-    __slots__ = ("_buf", "_head_request", "_remaining", "_state", "_status", "keep_alive")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._state = _IDLE
-        self._remaining = 0
-        self._status = 0
-        self._head_request = False
-        self.keep_alive = True
-
-    def start(self, *, head_request: bool = False) -> None:
-        """Expect the response to a newly sent request."""
-        self._state = _HEAD
-        self._head_request = head_request
-        self._status = 0
-        self.keep_alive = True
-
-    def feed(self, data: bytes) -> int:
-        if self._state == _IDLE:
-            raise ProtocolError("data received while no request was outstanding")
-        buf = self._buf
-        buf += data
-        while True:
-            state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD_BYTES:
-                        raise ProtocolError("response head too large")
-                    return 0
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                if self._parse_head(head):
-                    return self._finish()
-            elif state == _BODY:
-                if len(buf) >= self._remaining:
-                    del buf[: self._remaining]
-                    return self._finish()
-                self._remaining -= len(buf)
-                buf.clear()
-                return 0
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise ProtocolError("chunk size line too long")
-                    return 0
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size {line!r}") from None
-                if size < 0:
-                    raise ProtocolError(f"bad chunk size {line!r}")
-                self._state, self._remaining = (_TRAILER, 0) if size == 0 else (_CHUNK_DATA, size)
-            elif state == _CHUNK_DATA:
-                if len(buf) < self._remaining:
-                    self._remaining -= len(buf)
-                    buf.clear()
-                    return 0
-                del buf[: self._remaining]
-                self._state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return 0
-                if buf[:2] != b"\r\n":
-                    raise ProtocolError("chunk data not followed by CRLF")
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILER:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD_BYTES:
-                        raise ProtocolError("trailer too large")
-                    return 0
-                del buf[: end + 2]
-                if end == 0:
-                    return self._finish()
-            else:  # _UNTIL_CLOSE: the body ends when the server closes the connection
-                buf.clear()
-                return 0
-
-    def eof(self) -> int:
-        """The server closed the connection: the status if that completed a close-delimited body, else 0."""
-        if self._state == _UNTIL_CLOSE:
-            self._state = _IDLE
-            return self._status
-        return 0
-
-    def _parse_head(self, head: bytes) -> bool:
-        """Set up body parsing from the head; True if the response has no body (it is complete)."""
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        if not status_line.startswith(b"HTTP/1.") or len(status_line) < 12:
-            raise ProtocolError(f"bad status line {status_line[:80]!r}")
-        try:
-            status = int(status_line[9:12])
-        except ValueError:
-            raise ProtocolError(f"bad status line {status_line[:80]!r}") from None
-        keep_alive = status_line[7:8] == b"1"  # HTTP/1.1 defaults to keep-alive, 1.0 to close
-        length: int | None = None
-        chunked = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ProtocolError(f"bad header line {line[:80]!r}")
-            name = name.strip().lower()
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"bad Content-Length {value!r}") from None
-                if length < 0:
-                    raise ProtocolError(f"bad Content-Length {value!r}")
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif name == b"connection":
-                tokens = {token.strip() for token in value.lower().split(b",")}
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-        if 100 <= status < 200:
-            if status == 101:
-                raise ProtocolError("unexpected protocol upgrade")
-            return False  # interim response: the real one follows, stay in _HEAD
-        self._status = status
-        self.keep_alive = keep_alive
-        if self._head_request or status in (204, 304):
-            return True
-        if chunked:  # takes precedence over Content-Length (RFC 9112 §6.3)
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            if length == 0:
-                return True
-            self._state, self._remaining = _BODY, length
-        else:
-            self._state = _UNTIL_CLOSE
-            self.keep_alive = False
-        return False
-
-    def _finish(self) -> int:
-        self._state = _IDLE
-        if self._buf:
-            raise ProtocolError(f"{len(self._buf)} unexpected bytes after the response")
-        return self._status
-
-
-class _Clock(Protocol):
-    """Calls back once at an absolute time.monotonic() value; arm() replaces the previous arming."""
-
-    def arm(self, when: float) -> None: ...
-    def close(self) -> None: ...
-
-
-class _TimerfdClock:
-    """A Linux timerfd watched by the event loop: wakes within ~50 µs of the due time.
-
-    The event loops' own timers have millisecond granularity (libuv's clock; epoll's timeout), which
-    would add up to 1 ms of artificial latency to every request, and waiting less than that makes
-    uvloop spin. A timerfd costs one epoll wake-up per tick, sleeps precisely and never spins.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._libc = _libc()
-        fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "timerfd_create failed")
-        self._fd = fd
-        self._loop = loop
-        self._callback = callback
-        self._spec = _ITimerSpec()  # reused: arming allocates nothing
-        loop.add_reader(fd, self._fire)
-
-    def arm(self, when: float) -> None:
-        when = max(when, 1e-9)  # an all-zero time would disarm the timer instead of firing it
-        sec = int(when)
-        self._spec.it_value.tv_sec = sec
-        self._spec.it_value.tv_nsec = int((when - sec) * 1e9)
-        if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
-            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
-
-    def _fire(self) -> None:
-        try:
-            os.read(self._fd, 8)
-        except BlockingIOError:  # re-armed after it became readable: the new time has not come yet
-            return
-        self._callback()
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
-
-
-class _LoopClock:
-    """Fallback on the event loop's timers (millisecond granularity, so sends may be ~1 ms late)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._loop = loop
-        self._callback = callback
-        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
-
-    def arm(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        delay = when - time.monotonic()
-        # uvloop rounds delays to whole milliseconds; a sub-millisecond wait would become a busy loop.
-        self._handle = self._loop.call_later(max(delay, 0.001), self._callback) if delay > 0 else None
-        if self._handle is None:
-            self._handle = self._loop.call_soon(self._callback)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-
-
-class _TimeSpec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _ITimerSpec(ctypes.Structure):
-    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
-
-
-_CLOCK_MONOTONIC: Final = 1
-_TFD_TIMER_ABSTIME: Final = 1
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _make_clock(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> _Clock:
-    # The timerfd is armed with time.monotonic() values, so it must be the same clock.
-    if sys.platform == "linux" and time.get_clock_info("monotonic").implementation.endswith("(CLOCK_MONOTONIC)"):
-        try:
-            return _TimerfdClock(loop, callback)
-        except (OSError, AttributeError, NotImplementedError):
-            pass  # no timerfd (old kernel, seccomp) or a loop without add_reader
-    return _LoopClock(loop, callback)
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive connection carrying at most one request at a time."""
 
@@ -554,7 +250,7 @@ class _Run:
         self.t0 = 0.0
         self.next_i = 0
         self.next_sweep = 0.0
-        self.clock: _Clock  # set by drive(): both need the running loop
+        self.clock: Clock  # set by drive(): both need the running loop
         self.done: asyncio.Future[None]
         self.idle: list[_Connection] = []  # LIFO: hot connections stay hot, cold ones may be dropped by the server
         self.busy: set[_Connection] = set()
@@ -747,10 +443,6 @@ class _Run:
         self.busy.clear()
 
 
-def _host_header(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 async def run_open_loop(
     host: str,
     port: int,
@@ -779,8 +471,8 @@ async def run_open_loop(
     if max_connections < 1 or timeout_s <= 0:
         raise ValueError(f"need max_connections >= 1 and timeout_s > 0; got {max_connections}, {timeout_s}")
     times, n_warm = schedule(rate, duration_s, warmup_s=warmup_s, poisson=poisson, seed=seed)
-    header = _host_header(host, port)
-    wire = [_encode(r, header) for r in requests]
+    header = host_header(host, port)
+    wire = [encode_request(r if isinstance(r, Request) else Request(*r), header) for r in requests]
     loop = asyncio.get_running_loop()
 
     def connect(factory: Callable[[], _Connection]) -> Awaitable[tuple[asyncio.BaseTransport, _Connection]]:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -20,7 +21,7 @@ from training.train import train
 
 
 def _settings(registry: Path, keys: Keys, **kw) -> Settings:
-    return Settings(registry_dir=registry, key_prefix=keys.prefix, refresh_interval_s=0.1, **kw)
+    return Settings(registry_dir=registry, key_prefix=keys.prefix, **{"refresh_interval_s": 0.1, **kw})
 
 
 @pytest.fixture
@@ -183,6 +184,54 @@ def test_with_redis_stopped_answers_stay_valid_and_recover_when_it_returns(tmp_p
                 assert len(body["items"]) == 10
             assert c.get("/readyz").status_code == 503
             server.start()  # append-only file brings the profiles back
+            _wait_for(
+                lambda: (
+                    c.post("/v1/recommendations", json={"customer_id": buyer, "placement": "home"}).json()["fallback"]
+                    is False
+                )
+            )
+    finally:
+        server.stop()
+
+
+def _commands_served(client) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def test_a_decision_costs_one_redis_round_trip_whatever_the_candidates(redis_url, keys, shop_dir, registry_copy, shop):
+    load_shop(redis_url, keys, shop_dir)
+    app = create_app(_settings(registry_copy.root, keys, refresh_interval_s=3600), redis_url=redis_url)
+    with TestClient(app) as c:
+        body = {"customer_id": _buyer(shop), "placement": "cart", "limit": 40, "context": {"cart": ["i1", "i2", "i3"]}}
+        c.post("/v1/recommendations", json=body)  # warm up the connection
+        counter = redis.Redis.from_url(redis_url)
+        _commands_served(counter)
+        before = _commands_served(counter)
+        r = c.post("/v1/recommendations", json=body)
+        after = _commands_served(counter)
+    assert r.status_code == 200 and r.json()["fallback"] is False
+    assert after - before == 1
+
+
+def test_a_paused_redis_gives_fallback_content_instead_of_a_hang(tmp_path, shop_dir, registry_copy, shop):
+    server = EmbeddedRedis(tmp_path / "paused-redis", appendonly=False).start()
+    keys = Keys("nb")
+    load_shop(server.url, keys, shop_dir)
+    app = create_app(_settings(registry_copy.root, keys, breaker_reset_s=0.2), redis_url=server.url)
+    try:
+        with TestClient(app) as c:
+            buyer = _buyer(shop)
+            home = {"customer_id": buyer, "placement": "home"}
+            assert c.post("/v1/recommendations", json=home).json()["fallback"] is False
+            redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            reasons = set()
+            for _ in range(5):
+                body = c.post("/v1/recommendations", json=home).json()
+                assert body["fallback"] is True and len(body["items"]) == 10
+                reasons.add(body["fallback_reason"])
+            assert "redis_unavailable" in reasons  # the per-call timeout fired
+            assert "redis_circuit_open" in reasons  # then the breaker stopped calling
             _wait_for(
                 lambda: (
                     c.post("/v1/recommendations", json={"customer_id": buyer, "placement": "home"}).json()["fallback"]

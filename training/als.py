@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,20 +71,25 @@ def interaction_matrix(
     return users, csr
 
 
-def fit_matrix(matrix: sp.csr_matrix, params: AlsParams) -> tuple[F32, F32, float]:
-    """A plain implicit fit; the caller's matrix is the one a bare `implicit` run would get."""
+def new_implicit_model(params: AlsParams) -> Any:
+    """implicit's CPU ALS with our parameters (the benchmark fits a bare one of these too)."""
     from implicit.cpu.als import AlternatingLeastSquares
 
+    return AlternatingLeastSquares(
+        factors=params.factors,
+        regularization=params.regularization,
+        alpha=params.alpha,
+        iterations=params.iterations,
+        random_state=params.seed,
+    )
+
+
+def fit_matrix(matrix: sp.csr_matrix, params: AlsParams) -> tuple[F32, F32, float]:
+    """A plain implicit fit; the caller's matrix is the one a bare `implicit` run would get."""
     t0 = time.perf_counter()
     # implicit parallelises itself; a threaded BLAS underneath only oversubscribes the cores.
     with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(
-            factors=params.factors,
-            regularization=params.regularization,
-            alpha=params.alpha,
-            iterations=params.iterations,
-            random_state=params.seed,
-        )
+        model = new_implicit_model(params)
         model.fit(matrix, show_progress=False)
     seconds = time.perf_counter() - t0
     return np.asarray(model.user_factors, dtype=np.float32), np.asarray(model.item_factors, dtype=np.float32), seconds
