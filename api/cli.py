@@ -269,5 +269,16 @@ def registry_activate(version: str) -> None:
     console.print(f"live: {version}")
 
 
+@registry_app.command("prune")
+def registry_prune(
+    keep: Annotated[int, typer.Option(min=1, help="old versions to keep besides the live one")] = 3,
+) -> None:
+    """Delete old versions (never the live one) and abandoned staging folders."""
+    from engine.registry import Registry
+
+    removed = Registry(get_settings().registry_path).prune(keep)
+    console.print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'}")
+
+
 def main() -> None:
     app()

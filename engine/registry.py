@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ class Registry:
         created = dt.datetime.now(dt.UTC)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
         digest = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
-        version = f"{created:%Y%m%dT%H%M%S}Z-{digest}"
+        # Milliseconds keep names (and so their sort order) distinct for versions made in the same second.
+        version = f"{created:%Y%m%dT%H%M%S}.{created.microsecond // 1000:03d}Z-{digest}"
         manifest = {
             "format": FORMAT,
             "version": version,
@@ -150,13 +152,16 @@ class Registry:
                 raise ArtifactError(f"{fpath}: checksum mismatch (expected {expected[:12]}…, got {actual[:12]}…)")
         return Artifact(path, manifest)
 
-    def prune(self, keep: int = 3) -> list[str]:
-        """Delete old versions, never the live one; returns what was removed."""
+    def prune(self, keep: int = 3, stale_staging_s: float = 3600.0) -> list[str]:
+        """Delete old versions, never the live one, and staging folders abandoned for an hour."""
         live = self.live_version()
-        old = [v for v in self.versions() if v != live][:-keep] if keep else []
+        others = [v for v in self.versions() if v != live]
+        old = others[: max(len(others) - keep, 0)]
         for v in old:
             shutil.rmtree(self.root / v, ignore_errors=True)
+        now = time.time()
         for stale in self.root.glob(".staging-*"):
             with contextlib.suppress(OSError):
-                shutil.rmtree(stale)
+                if now - stale.stat().st_mtime > stale_staging_s:
+                    shutil.rmtree(stale)
         return old

@@ -70,3 +70,17 @@ def test_trained_version_loads_and_a_truncated_factor_file_is_refused(trained, t
     (dst / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="shape"):
         load_rec_model(reg.verify("v-broken"))
+
+
+def test_prune_keeps_the_live_version_and_the_newest_others(tmp_path):
+    import time
+
+    reg = Registry(tmp_path)
+    versions = []
+    for i in range(5):
+        versions.append(_version(reg, float(i)))
+        time.sleep(0.002)  # version names carry the millisecond they were created
+    reg.activate(versions[0])
+    removed = reg.prune(keep=2)
+    assert set(removed) == set(versions[1:3])
+    assert set(reg.versions()) == {versions[0], versions[3], versions[4]}
