@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from rich.console import Console
 
-from benchmarks.loadgen import LoadResult, Request, max_sustained_rate, run_rate_sweep
+from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 
 P99_BUDGET_MS = 10.0
@@ -59,6 +59,7 @@ def _prepare_shop(spec: BenchSpec, root: Path, console: Console) -> Path:
 
 def _training_figures(shop_dir: Path, registry_dir: Path, console: Console) -> tuple[dict[str, float], str]:
     """Our ALS step (matrix build + fit) vs a bare implicit fit of the same matrix, same parameters."""
+    import implicit.cpu.als  # noqa: F401 — load every BLAS before limiting its threads
     from threadpoolctl import threadpool_limits
 
     from engine.registry import Registry
@@ -164,6 +165,10 @@ def _fallback_counts(port: int) -> dict[str, float]:
     return counts
 
 
+def _store_fallbacks(counts: dict[str, float]) -> float:
+    return sum(v for k, v in counts.items() if k.startswith("redis_") or k == "profile_unreadable")
+
+
 def _requests(ids: list[str], shop_dir: Path, seed: int, n: int = 5_000) -> list[Request]:
     import pandas as pd
 
@@ -258,25 +263,32 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
         proc = _start_server(server.url, registry_dir, port, root)
         reqs = _requests(ids, shop_dir, spec.seed)
         console.print(f"open-loop sweep over {list(spec.rates)} req/s, {spec.duration_s:.0f} s each")
-        results = run_rate_sweep(
-            "127.0.0.1",
-            port,
-            reqs,
-            spec.rates,
-            spec.duration_s,
-            timeout_s=2.0,
-            stop_when=lambda r: r.p99 > 20 * P99_BUDGET_MS,
-        )
-        fallbacks = _fallback_counts(port)
+        results: list[LoadResult] = []
+        per_rate: list[dict[str, float]] = []
+        seen = _fallback_counts(port)
+        for rate in spec.rates:
+            results.append(run_rate_sweep("127.0.0.1", port, reqs, [rate], spec.duration_s, timeout_s=2.0)[0])
+            now_counts = _fallback_counts(port)
+            per_rate.append({k: v - seen.get(k, 0.0) for k, v in now_counts.items()})
+            seen = now_counts
+            if results[-1].p99 > 20 * P99_BUDGET_MS:
+                break  # far past saturation: higher rates only say the same louder
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(20)
         server.stop()
-    sustained = max_sustained_rate(results, P99_BUDGET_MS)
+    # Sustained = the load generator's test (rate held, no errors, p99 within budget) and no answer
+    # degraded because the store missed its budget: fast bestsellers must not pass for decisions.
+    ok = [
+        r.rate
+        for r, f in zip(results, per_rate, strict=True)
+        if r.sustained(P99_BUDGET_MS) and _store_fallbacks(f) == 0
+    ]
+    sustained = max(ok) if ok else None
     report.add_table(
         "POST /v1/recommendations under open-loop load",
-        ["rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200"],
+        ["rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200", "store fallbacks"],
         [
             [
                 r.rate,
@@ -287,20 +299,27 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
                 round(r.max, 2),
                 r.errors + r.timeouts,
                 sum(v for k, v in r.status_counts.items() if k != 200),
+                f"{_store_fallbacks(f) / f['decisions']:.2%}" if f.get("decisions") else "-",
             ]
-            for r in results
+            for r, f in zip(results, per_rate, strict=True)
         ],
-        note=f"maximum sustained rate (achieved ≥ 97 %, no errors, p99 ≤ {P99_BUDGET_MS:g} ms): "
-        f"{sustained if sustained is not None else 'none'} req/s. The load generator shares the 2 cores.",
+        note=f"maximum sustained rate (achieved ≥ 97 %, no errors, p99 ≤ {P99_BUDGET_MS:g} ms, no store "
+        f"fallbacks): {sustained if sustained is not None else 'none'} req/s. Store fallbacks = answers "
+        "degraded to bestsellers because Redis (or the saturated event loop) missed the 20 ms budget, or the "
+        "circuit breaker was open. The load generator shares the 2 cores.",
     )
-    total = fallbacks.pop("decisions", 0.0)
+    totals: dict[str, float] = {}
+    for f in per_rate:
+        for k, v in f.items():
+            totals[k] = totals.get(k, 0.0) + v
+    total = totals.pop("decisions", 0.0)
     report.add_table(
-        "Fallback answers during the sweep (from the server's /metrics)",
+        "Fallback answers over the whole sweep (from the server's /metrics)",
         ["reason", "decisions", "share"],
-        [[reason, int(n), f"{n / total:.2%}" if total else "-"] for reason, n in sorted(fallbacks.items())]
+        [[reason, int(n), f"{n / total:.2%}" if total else "-"] for reason, n in sorted(totals.items()) if n]
         or [["(none)", 0, "0%"]],
         note=f"{int(total):,} decisions in all. Customers without personalisation consent get non-personal "
-        "content by design; any redis_* reason would mean the store missed its budget under load.",
+        "content by design.",
     )
     report.add_table(
         "Store and training",

@@ -86,6 +86,8 @@ def new_implicit_model(params: AlsParams) -> Any:
 
 def fit_matrix(matrix: sp.csr_matrix, params: AlsParams) -> tuple[F32, F32, float]:
     """A plain implicit fit; the caller's matrix is the one a bare `implicit` run would get."""
+    import implicit.cpu.als  # noqa: F401 — loads SciPy's own OpenBLAS before the limit below applies
+
     t0 = time.perf_counter()
     # implicit parallelises itself; a threaded BLAS underneath only oversubscribes the cores.
     with threadpool_limits(1, "blas"):
