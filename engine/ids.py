@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+
+
 def new_decision_id(now_ms: int | None = None) -> str:
     """A 26-character ULID: 48 bits of milliseconds then 80 random bits, Crockford base32."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    value = ((ms & ((1 << 48) - 1)) << 80) | int.from_bytes(os.urandom(10), "big")
+    # 160 bits are 32 base32 characters; the last 26 spell the low 130 bits, i.e. the whole id.
+    return base64.b32encode(value.to_bytes(20, "big"))[-26:].translate(_TO_CROCKFORD).decode()
 
 
 def decision_seed(decision_id: str) -> int:

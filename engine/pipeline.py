@@ -31,6 +31,12 @@ REASON = {
     "category_bestseller": "category_bestseller",
 }
 REASON_BITS = tuple(REASON)
+# Every combination of source bits mapped to its reason names once, so a request only looks them up.
+REASONS_BY_MASK = tuple(
+    tuple(dict.fromkeys(REASON[src] for k, src in enumerate(REASON_BITS) if mask >> k & 1))
+    for mask in range(1 << len(REASON_BITS))
+)
+HEAD_FACTOR = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +128,13 @@ def recommend(
 
     banned = _excluded(state, placement, profile, req.context)
     final, margin_term = blend(state, req.placement, affinity, placement.rerank)
-    ranked = rank(final, found & ~banned)
-    chosen, overflow = diversify(ranked, state.catalog.category, placement.rerank.max_per_category)
+    candidates = found & ~banned
+    cap = placement.rerank.max_per_category
+    # Diversity usually needs only the head of the ranking; rank everything only if the head falls short.
+    ranked = rank(final, candidates, top=HEAD_FACTOR * req.limit)
+    chosen, overflow = diversify(ranked, state.catalog.category, cap)
+    if len(chosen) < req.limit and len(ranked) == HEAD_FACTOR * req.limit:
+        chosen, overflow = diversify(rank(final, candidates), state.catalog.category, cap)
     chosen = chosen[: req.limit]
     filled: IntArray = np.empty(0, dtype=np.int64)
     if len(chosen) < req.limit:
@@ -139,15 +150,12 @@ def recommend(
         filled = pool[np.sort(first)][: req.limit - len(chosen)]
         chosen = np.concatenate([chosen, filled])
 
-    reasons = _reasons(chosen, source_bits, margin_term, final, set(filled.tolist()))
+    reasons = _reasons(chosen, source_bits, margin_term, final, filled)
+    ids = state.catalog.item_ids
+    scores = final[chosen].round(4).tolist()
     items = tuple(
-        ShownItem(
-            item_id=state.catalog.item_ids[int(i)],
-            position=pos + 1,
-            score=round(float(final[i]), 4),
-            reasons=reasons[pos],
-        )
-        for pos, i in enumerate(chosen)
+        ShownItem(item_id=ids[i], position=pos + 1, score=scores[pos], reasons=reasons[pos])
+        for pos, i in enumerate(chosen.tolist())
     )
     return Decision(
         decision_id=decision_id or new_decision_id(int(now_s * 1000)),
@@ -166,15 +174,14 @@ def _reasons(
     source_bits: np.ndarray,  # type: ignore[type-arg]
     margin_term: np.ndarray,  # type: ignore[type-arg]
     final: np.ndarray,  # type: ignore[type-arg]
-    filled: set[int],
+    filled: IntArray,
 ) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    for i in chosen.tolist():
-        bits = int(source_bits[i])
-        r = [REASON[src] for k, src in enumerate(REASON_BITS) if bits >> k & 1]
-        if i in filled:
-            r.append("fill")
-        if final[i] > 0 and margin_term[i] >= 0.1 * final[i] and margin_term[i] > 0.05:
-            r.append("margin_boost")
-        out.append(tuple(dict.fromkeys(r)) or ("fill",))
+    bits = source_bits[chosen].tolist()
+    m, f = margin_term[chosen], final[chosen]
+    boosted = ((f > 0) & (m >= 0.1 * f) & (m > 0.05)).tolist()
+    was_filled = np.isin(chosen, filled).tolist()
+    out = []
+    for b, boost, fill in zip(bits, boosted, was_filled, strict=True):
+        r = REASONS_BY_MASK[b] + (("fill",) if fill else ()) + (("margin_boost",) if boost else ())
+        out.append(r or ("fill",))
     return out

@@ -43,6 +43,9 @@ def diversify(order: IntArray, categories: IntArray, max_per_category: int) -> t
     return order[within], order[~within]
 
 
-def rank(scores: FloatArray, candidates: BoolArray) -> IntArray:
+def rank(scores: FloatArray, candidates: BoolArray, top: int | None = None) -> IntArray:
+    """Candidate positions by descending score; only the best `top` when given (partial sort)."""
     idx = np.flatnonzero(candidates)
+    if top is not None and len(idx) > top:
+        idx = idx[np.argpartition(-scores[idx], top - 1)[:top]]
     return idx[np.argsort(-scores[idx], kind="stable")].astype(np.int64)

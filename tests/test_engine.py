@@ -170,3 +170,29 @@ def test_limit_larger_than_available_items_returns_all_available(state, model):
     s2 = build_state(replace(cat, stock=stock), model, state.rules)
     d = recommend(s2, Request(_known_customer(model), "home", 20), Profile("x"), now=NOW)
     assert sorted(_ids(d)) == sorted(cat.item_ids[:7])
+
+
+def test_strict_diversity_looks_past_the_head_of_the_ranking(state, model, rules):
+    home = rules.placements["home"]
+    one_each = rules.model_copy(
+        update={
+            "placements": {
+                "home": home.model_copy(update={"rerank": home.rerank.model_copy(update={"max_per_category": 1})})
+            }
+        }
+    )
+    s2 = build_state(state.catalog, model, one_each)
+    cid = _known_customer(model)
+    d = recommend(s2, Request(cid, "home", 10), Profile(cid), now=NOW)
+    cats = [s2.catalog.category[s2.catalog.index[i]] for i in _ids(d)]
+    assert len(cats) == 10
+    assert len(set(cats)) == min(10, len(s2.catalog.categories))
+
+
+def test_decision_ids_are_unique_and_sort_by_time():
+    from engine.ids import decision_seed, new_decision_id
+
+    ids = [new_decision_id(1_700_000_000_000 + k) for k in range(200)]
+    assert len(set(ids)) == 200 and ids == sorted(ids)
+    assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in ids)
+    assert decision_seed(ids[0]) == decision_seed(ids[0]) != decision_seed(ids[1])
