@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from api.bodies import BodyError, install_openapi
 from api.routes import health, recommendations
 from api.runtime import NotReadyError, Runtime
-from api.schemas import RecommendationRequest
 from api.settings import Settings, get_settings
 
 log = logging.getLogger("nextbest")
@@ -38,10 +37,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    app.include_router(recommendations.router)
+    app.router.routes.extend(recommendations.ROUTES)
     app.include_router(health.router)
-
-    install_openapi(app, [RecommendationRequest])
+    install_openapi(app, recommendations.OPENAPI)
 
     @app.exception_handler(BodyError)
     async def invalid_body(_request: Request, exc: BodyError) -> JSONResponse:

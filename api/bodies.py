@@ -5,6 +5,7 @@ Errors keep FastAPI's 422 shape: `{"detail": [{"loc": ["body", ...], "msg": ...,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
@@ -31,24 +32,52 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         ) from exc
 
 
-def body_spec(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` for a route that reads its body itself, so the docs still show the schema."""
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+@dataclass(frozen=True)
+class Operation:
+    """The OpenAPI description of a hand-mounted route (FastAPI only documents its own routes)."""
+
+    path: str
+    method: str
+    summary: str
+    tag: str
+    request: type[BaseModel]
+    response: type[BaseModel]
+    error: type[BaseModel]
+
+    def spec(self) -> dict[str, Any]:
+        def ref(model: type[BaseModel]) -> dict[str, Any]:
+            return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+        return {
+            "tags": [self.tag],
+            "summary": self.summary,
+            "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}",
+            "requestBody": {"required": True, "content": ref(self.request)},
+            "responses": {
+                "200": {"description": "Successful Response", "content": ref(self.response)},
+                "422": {"description": "Invalid request; `loc` names the field", "content": ref(self.error)},
+            },
+        }
+
+    @property
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return (self.request, self.response, self.error)
 
 
-def install_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Add the hand-parsed body models (and what they reference) to the OpenAPI components."""
+def install_openapi(app: FastAPI, operations: list[Operation]) -> None:
+    """Add hand-mounted operations and their models (with what they reference) to the OpenAPI document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in models:
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(js.pop("$defs", {}))
-            components[model.__name__] = js
+        for op in operations:
+            schema.setdefault("paths", {}).setdefault(op.path, {})[op.method] = op.spec()
+            for model in op.models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
         app.openapi_schema = schema
         return schema
 

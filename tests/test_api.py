@@ -123,7 +123,11 @@ def test_openapi_docs_are_served(client):
     body = spec["paths"]["/v1/recommendations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     name = body["$ref"].rsplit("/", 1)[-1]
     assert set(spec["components"]["schemas"][name]["properties"]) == {"customer_id", "placement", "limit", "context"}
-    assert "RecommendationContext" in spec["components"]["schemas"]
+    assert {"RecommendationContext", "RecommendationResponse", "RecommendedItem", "ValidationErrorBody"} <= set(
+        spec["components"]["schemas"]
+    )
+    responses = spec["paths"]["/v1/recommendations"]["post"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RecommendationResponse")
 
 
 def test_a_new_registry_version_is_picked_up_without_restart(client, registry_copy, shop_dir, rules):

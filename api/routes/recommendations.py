@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from api.bodies import body_spec, parse_body
+from api.bodies import Operation, parse_body
 from api.runtime import Runtime
 from api.schemas import RecommendationRequest, RecommendationResponse, ValidationErrorBody
 from engine.pipeline import Request
 from engine.types import Context, Decision
-
-router = APIRouter(tags=["decisions"])
 
 
 def _invalid(field: str, msg: str) -> JSONResponse:
@@ -38,13 +36,6 @@ def _body(d: Decision) -> bytes:
     )
 
 
-@router.post(
-    "/v1/recommendations",
-    response_model=RecommendationResponse,
-    responses={422: {"model": ValidationErrorBody, "description": "invalid request; `loc` names the field"}},
-    summary="Recommend products for a placement",
-    openapi_extra=body_spec(RecommendationRequest),
-)
 async def recommendations(request: HttpRequest) -> Response:
     runtime: Runtime = request.app.state.runtime
     body = parse_body(await request.body(), RecommendationRequest)
@@ -58,3 +49,19 @@ async def recommendations(request: HttpRequest) -> Response:
     req = Request(body.customer_id, body.placement, limit, Context(body.context.item_id, tuple(body.context.cart)))
     decision = await runtime.recommend(req)
     return Response(_body(decision), media_type="application/json")
+
+
+# A plain Starlette route: FastAPI's per-route machinery costs ~0.1 ms of CPU per request, a sixth of a
+# decision. The body is validated by pydantic all the same, and the OpenAPI entry is written out below.
+ROUTES = [Route("/v1/recommendations", recommendations, methods=["POST"])]
+OPENAPI = [
+    Operation(
+        path="/v1/recommendations",
+        method="post",
+        summary="Recommend products for a placement",
+        tag="decisions",
+        request=RecommendationRequest,
+        response=RecommendationResponse,
+        error=ValidationErrorBody,
+    )
+]
