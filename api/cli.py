@@ -194,8 +194,20 @@ def serve(
     """Serve the API (starts the embedded Redis when REDIS_URL is unset)."""
     import uvicorn
 
+    from engine.registry import Registry
+    from engine.rules import RulesError, load_rules
+
     settings = get_settings()
     n_workers = workers or settings.workers
+    try:
+        load_rules(settings.rules_file)  # fail here, clearly, rather than in every worker
+    except RulesError as exc:
+        raise _fail(str(exc)) from exc
+    if Registry(settings.registry_path).live_version() is None:
+        console.print(
+            f"[yellow]warning:[/yellow] no live model in {settings.registry_path}; "
+            "answers will be bestsellers (fallback) until `nextbest train` publishes one"
+        )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One BLAS thread per worker: requests are small matrix products, and threads only fight for the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

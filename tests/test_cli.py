@@ -56,3 +56,13 @@ def test_a_bad_row_is_reported_and_nothing_is_loaded(cli_env, tmp_path, shop_dir
     flat = " ".join(r.output.split())
     assert "events.csv, line 42, column 'type'" in flat and "teleport" in flat
     assert _keys_under(redis_url, keys.prefix) == []
+
+
+def test_serve_refuses_an_invalid_rules_file_with_a_clear_error(cli_env, tmp_path, monkeypatch):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("placements:\n  home:\n    sources: {als: 1.0}\n    colour: blue\n")
+    monkeypatch.setenv("NEXTBEST_RULES_FILE", str(rules))
+    get_settings.cache_clear()
+    r = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert r.exit_code == 2
+    assert "placements.home.colour" in " ".join(r.output.split())
