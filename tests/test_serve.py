@@ -1,0 +1,63 @@
+"""`nextbest serve` as operators run it: a real uvicorn process with two workers."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import load_shop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(redis_url, keys, shop_dir, trained, tmp_path):
+    load_shop(redis_url, keys, shop_dir)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "NEXTBEST_KEY_PREFIX": keys.prefix,
+        "NEXTBEST_REGISTRY_DIR": str(trained.registry.root),
+        "NEXTBEST_DATA_DIR": str(tmp_path / "var"),
+        "NEXTBEST_LOG_LEVEL": "warning",
+    }
+    exe = Path(sys.executable).with_name("nextbest")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(20)
+    assert not list((tmp_path / "var").glob("prometheus-*")), "metrics files left behind"
+
+
+def test_two_workers_answer_and_metrics_add_up_across_them(server):
+    with httpx.Client(base_url=server, timeout=5) as c:
+        for n in range(40):
+            r = c.post("/v1/recommendations", json={"customer_id": f"c{n}", "placement": "home", "limit": 5})
+            assert r.status_code == 200 and len(r.json()["items"]) == 5
+        text = c.get("/metrics").text
+    served = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('nextbest_decisions_total{placement="home"}')
+    )
+    assert served == 40  # whichever worker answered /metrics counts both workers' decisions
