@@ -82,7 +82,8 @@ class Runtime:
         changed = await asyncio.to_thread(self._refresh_model)
         changed = await self._refresh_catalog() or changed
         if changed or self.state is None:
-            self._rebuild()
+            # Building arrays for a large catalog takes a while: keep it off the event loop.
+            await asyncio.to_thread(self._rebuild)
             # Long-lived model and catalog objects go to the permanent generation, so full garbage
             # collections (a latency spike on the request path) stop walking them.
             gc.freeze()
@@ -90,7 +91,10 @@ class Runtime:
 
     def _refresh_model(self) -> bool:
         live = self.registry.live_version()
-        if live is None or live in (self.status.model_version, self.status.refused_version):
+        if live is not None and live == self.status.model_version:
+            self.status.refused_version = self.status.model_error = None  # LIVE points back at what we serve
+            return False
+        if live is None or live == self.status.refused_version:
             return False
         try:
             artifact = self.registry.verify(live)
@@ -114,7 +118,7 @@ class Runtime:
             if version is not None and version != self.status.catalog_version:
                 version, items = await store.read_catalog()
                 if items:
-                    self.catalog = CatalogState.from_items(items, f"redis:{version}")
+                    self.catalog = await asyncio.to_thread(CatalogState.from_items, items, f"redis:{version}")
                     self.status.catalog_version, self.status.catalog_source = version, "redis"
                     return True
         except StoreUnavailableError as exc:

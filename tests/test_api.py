@@ -151,6 +151,8 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(client, regi
     r = client.post("/v1/recommendations", json={"customer_id": "c1", "placement": "home"})
     assert r.status_code == 200 and r.json()["model_version"] == old
     assert 'nextbest_model_loads_total{result="refused"}' in client.get("/metrics").text
+    (registry_copy.root / "LIVE").write_text(old)  # the operator rolls LIVE back
+    _wait_for(lambda: client.get("/readyz").json()["model_error"] is None)
 
 
 def test_a_catalog_change_in_redis_reaches_the_next_decisions(client, redis_url, keys, shop):
