@@ -43,6 +43,7 @@ class Operation:
     request: type[BaseModel]
     response: type[BaseModel]
     error: type[BaseModel]
+    status: str = "200"
 
     def spec(self) -> dict[str, Any]:
         def ref(model: type[BaseModel]) -> dict[str, Any]:
@@ -54,7 +55,7 @@ class Operation:
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}",
             "requestBody": {"required": True, "content": ref(self.request)},
             "responses": {
-                "200": {"description": "Successful Response", "content": ref(self.response)},
+                self.status: {"description": "Successful Response", "content": ref(self.response)},
                 "422": {"description": "Invalid request; `loc` names the field", "content": ref(self.error)},
             },
         }

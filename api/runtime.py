@@ -23,8 +23,10 @@ from engine.rules import Rules, load_rules
 from engine.state import ServingState, build_state
 from engine.types import Decision, Profile
 from feature_store.breaker import CircuitBreaker
+from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError
+from feature_store.resp import LeanRedis, RespConnectionError, RespError
 from feature_store.store import AsyncRedisStore, StoreUnavailableError
 
 log = logging.getLogger("nextbest")
@@ -49,6 +51,9 @@ class Runtime:
         # Background refreshes get their own client and a patient timeout: a slow catalog read must
         # neither fail on the request budget nor trip the request path's circuit breaker.
         self.background_store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=1.0)
+        # Writes get a longer budget than reads: a slow write is better than a lost event.
+        self.ingest_client = LeanRedis(redis_url, timeout_s=max(settings.redis_timeout_ms / 1000.0, 0.5))
+        self.event_writer = EventWriter(self.ingest_client, Keys(settings.key_prefix))
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.status = RefreshStatus()
         self.model: RecModel | None = None
@@ -68,6 +73,7 @@ class Runtime:
                 await self._task
         await self.store.close()
         await self.background_store.close()
+        await self.ingest_client.close()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -174,6 +180,22 @@ class Runtime:
         if decision.fallback:
             metrics.FALLBACKS.labels(req.placement, decision.fallback_reason or "unknown").inc()
         return decision
+
+    async def ingest(self, events: list[LiveEvent]) -> list[bool] | None:
+        """Apply events to profiles; per event True (accepted) or False (duplicate); None if Redis failed.
+
+        Ingest does not consult the circuit breaker: an event is either written or the caller is told
+        to retry, never silently dropped.
+        """
+        try:
+            statuses = await self.event_writer.apply(events)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("ingest").inc()
+            log.warning("event ingest failed: %s", exc)
+            return None
+        metrics.EVENTS.labels("accepted").inc(sum(statuses))
+        metrics.EVENTS.labels("duplicate").inc(len(statuses) - sum(statuses))
+        return statuses
 
     async def readiness(self) -> dict[str, object]:
         redis_ok = await self.background_store.ping()

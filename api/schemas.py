@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 ID_PATTERN = r"^[^\s{}]{1,128}$"
 ItemId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -50,3 +51,49 @@ class ValidationIssue(BaseModel):
 
 class ValidationErrorBody(BaseModel):
     detail: list[ValidationIssue]
+
+
+EVENT_TYPE = Literal["view_item", "add_to_cart", "purchase", "email_open", "email_click"]
+MAX_EVENTS_PER_REQUEST = 1000
+
+
+class EventIn(BaseModel):
+    """One shop event, in the schema of the `events` data file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(..., pattern=ID_PATTERN, examples=["e-9f1c"])
+    customer_id: str = Field(..., pattern=ID_PATTERN, examples=["c42"])
+    type: EVENT_TYPE
+    item_id: str | None = Field(None, pattern=ID_PATTERN, description="required except for email_open")
+    quantity: int = Field(1, ge=1, le=10_000)
+    price: float = Field(0.0, ge=0, le=1e9, allow_inf_nan=False, description="unit price")
+    timestamp: datetime = Field(..., description="ISO-8601 (UTC if no offset) or unix seconds")
+
+    @model_validator(mode="after")
+    def _item_required(self) -> EventIn:
+        if self.type != "email_open" and not self.item_id:
+            raise ValueError(f"item_id is required for {self.type} events")
+        return self
+
+
+class EventBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[dict[str, object]] = Field(..., min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class EventsRequest(RootModel[EventIn | EventBatch]):
+    """Either one event or {"events": [...]} (each event validated on its own)."""
+
+
+class RejectedEvent(BaseModel):
+    index: int
+    event_id: str | None
+    errors: list[ValidationIssue]
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: list[RejectedEvent]
