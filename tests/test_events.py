@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import Settings
+from engine.types import Profile
 from feature_store.store import RedisStore
 from tests.conftest import load_shop
 
@@ -24,6 +25,12 @@ def client(redis_url, keys, shop_dir, trained, tmp_path) -> Iterator[TestClient]
         yield c
 
 
+def _profile(redis_url: str, keys, customer_id: str) -> Profile:
+    profile = RedisStore(redis_url, keys).read_profile(customer_id)
+    assert profile is not None, f"no profile for {customer_id}"
+    return profile
+
+
 def _event(event_id: str, customer: str, type_: str, item: str | None, **kw):
     return {"event_id": event_id, "customer_id": customer, "type": type_, "item_id": item, "timestamp": T, **kw}
 
@@ -31,7 +38,7 @@ def _event(event_id: str, customer: str, type_: str, item: str | None, **kw):
 def test_a_single_event_is_accepted_and_lands_in_the_profile(client, redis_url, keys):
     r = client.post("/v1/events", json=_event("e1", "c5", "view_item", "i9"))
     assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
-    assert RedisStore(redis_url, keys).read_profile("c5").recent_views[0] == "i9"
+    assert _profile(redis_url, keys, "c5").recent_views[0] == "i9"
 
 
 def test_duplicate_events_are_counted_once(client, redis_url, keys):
@@ -40,7 +47,7 @@ def test_duplicate_events_are_counted_once(client, redis_url, keys):
     again = client.post("/v1/events", json={"events": [purchase]}).json()  # a retried webhook
     assert (first["accepted"], first["duplicates"]) == (1, 1)
     assert (again["accepted"], again["duplicates"]) == (0, 1)
-    profile = RedisStore(redis_url, keys).read_profile("new-6")
+    profile = _profile(redis_url, keys, "new-6")
     assert [(p.item_id, p.count) for p in profile.purchases] == [("i3", 1)]
     assert profile.orders == 1 and profile.spend == pytest.approx(5.0)
 
@@ -58,7 +65,7 @@ def test_a_bad_event_is_named_and_does_not_block_the_good_ones(client, redis_url
     assert body["accepted"] == 2
     assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(1, "b1"), (2, "b2")]
     assert body["rejected"][0]["errors"][0]["loc"] == ["body", "events", 1, "type"]
-    profile = RedisStore(redis_url, keys).read_profile("c7")
+    profile = _profile(redis_url, keys, "c7")
     assert profile.recent_views[0] == "i11" and profile.cart[0] == "i12"
 
 
@@ -104,5 +111,5 @@ def test_profile_lists_stay_capped(client, redis_url, keys):
 
     batch = {"events": [_event(f"cap{n}", "c9", "view_item", f"i{n}", timestamp=1_790_000_000 + n) for n in range(60)]}
     assert client.post("/v1/events", json=batch).json()["accepted"] == 60
-    views = RedisStore(redis_url, keys).read_profile("c9").recent_views
+    views = _profile(redis_url, keys, "c9").recent_views
     assert len(views) == MAX_VIEWS and views[0] == "i59"
