@@ -23,6 +23,7 @@ from engine.rules import Rules, load_rules
 from engine.state import ServingState, build_state
 from engine.types import Decision, Profile
 from feature_store.breaker import CircuitBreaker
+from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
 from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError
@@ -54,12 +55,16 @@ class Runtime:
         # Writes get a longer budget than reads: a slow write is better than a lost event.
         self.ingest_client = LeanRedis(redis_url, timeout_s=max(settings.redis_timeout_ms / 1000.0, 0.5))
         self.event_writer = EventWriter(self.ingest_client, Keys(settings.key_prefix))
+        self.catalog_writer = CatalogWriter(self.ingest_client, Keys(settings.key_prefix))
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.status = RefreshStatus()
         self.model: RecModel | None = None
         self.catalog: CatalogState | None = None
         self.state: ServingState | None = None
         self._task: asyncio.Task[None] | None = None
+        self.keys = Keys(settings.key_prefix)
+        self._catalog_version = 0
+        self._catalog_lock = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,16 +123,11 @@ class Runtime:
         return True
 
     async def _refresh_catalog(self) -> bool:
-        store = self.background_store
         try:
-            version = await store.catalog_version()
-            if version is not None and version != self.status.catalog_version:
-                version, items = await store.read_catalog()
-                if items:
-                    self.catalog = await asyncio.to_thread(CatalogState.from_items, items, f"redis:{version}")
-                    self.status.catalog_version, self.status.catalog_source = version, "redis"
-                    return True
-        except StoreUnavailableError as exc:
+            version = await self.background_store.catalog_version()
+            if version is not None and (int(version) != self._catalog_version or self.status.catalog_source != "redis"):
+                return await self._catch_up(int(version), self.background_store.client)
+        except (StoreUnavailableError, RespError, RespConnectionError, TimeoutError) as exc:
             metrics.REDIS_ERRORS.labels("catalog").inc()
             log.warning("catalog refresh failed: %s", exc)
         if self.catalog is None and self.model is not None and self.model.catalog_snapshot:
@@ -136,6 +136,27 @@ class Runtime:
             self.status.catalog_source = "model_snapshot"
             return True
         return False
+
+    async def _catch_up(self, target: int, client: LeanRedis) -> bool:
+        """Bring the in-memory catalog to `target`: the changed items only, or all when the log falls short."""
+        async with self._catalog_lock:
+            if target == self._catalog_version and self.status.catalog_source == "redis":
+                return False  # another request caught up while this one waited
+            from_redis = self.status.catalog_source == "redis" and target > self._catalog_version
+            delta = await read_delta(client, self.keys, self._catalog_version if from_redis else -1)
+            if delta.full_reload or not from_redis or self.catalog is None:
+                version, items = await self.background_store.read_catalog()
+                if not items:
+                    return False
+                catalog = await asyncio.to_thread(CatalogState.from_items, items, f"redis:{version}")
+                self._catalog_version = int(version or 0)
+            else:
+                catalog = self.catalog.patched(delta.items, f"redis:{delta.version}")
+                self._catalog_version = delta.version
+            self.catalog = catalog
+            self.status.catalog_version, self.status.catalog_source = str(self._catalog_version), "redis"
+            await asyncio.to_thread(self._rebuild)
+            return True
 
     def _rebuild(self) -> None:
         if self.catalog is None:
@@ -151,11 +172,11 @@ class Runtime:
 
     # ---- decisions -------------------------------------------------------------------------------
     async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None]:
-        """The profile in one round trip, or the reason it could not be had."""
+        """The profile (and the catalog version) in one round trip, or the reason it could not be had."""
         if not self.breaker.allow():
             return None, "redis_circuit_open"
         try:
-            profile = await self.store.read_profile(customer_id)
+            profile, catalog_version = await self.store.read_profile_and_catalog_version(customer_id)
         except StoreUnavailableError as exc:
             self._store_failed("profile", exc)
             return None, "redis_unavailable"
@@ -165,6 +186,13 @@ class Runtime:
         if self.breaker.state != "closed":
             metrics.BREAKER_OPEN.set(0)
         self.breaker.record_success()
+        if catalog_version is not None and catalog_version != self._catalog_version:
+            # A webhook changed the catalog: catch up before deciding, so a sold-out item is gone now.
+            try:
+                await self._catch_up(catalog_version, self.store.client)
+            except (StoreUnavailableError, RespError, RespConnectionError, TimeoutError) as exc:
+                metrics.REDIS_ERRORS.labels("catalog").inc()
+                log.warning("catalog catch-up failed, deciding on version %s: %s", self._catalog_version, exc)
         return profile, None
 
     async def recommend(self, req: Request) -> Decision:
@@ -173,7 +201,7 @@ class Runtime:
         if state is None:
             raise NotReadyError("no catalog loaded yet")
         profile, reason = await self.read_profile(req.customer_id)
-        decision = recommend(state, req, profile, fallback_reason=reason)
+        decision = recommend(self.state or state, req, profile, fallback_reason=reason)
         elapsed = time.perf_counter() - t0
         metrics.DECISION_LATENCY.labels(req.placement).observe(elapsed)
         metrics.DECISIONS.labels(req.placement).inc()
@@ -196,6 +224,15 @@ class Runtime:
         metrics.EVENTS.labels("accepted").inc(sum(statuses))
         metrics.EVENTS.labels("duplicate").inc(len(statuses) - sum(statuses))
         return statuses
+
+    async def upsert_items(self, patches: list[tuple[str, dict[str, object]]]) -> UpsertResult | None:
+        """Merge item changes into the catalog in Redis; None if Redis failed (nothing was written)."""
+        try:
+            return await self.catalog_writer.upsert(patches)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("catalog_write").inc()
+            log.warning("catalog upsert failed: %s", exc)
+            return None
 
     async def readiness(self) -> dict[str, object]:
         redis_ok = await self.background_store.ping()

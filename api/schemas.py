@@ -97,3 +97,48 @@ class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
     rejected: list[RejectedEvent]
+
+
+class ItemPatch(BaseModel):
+    """Fields to change on one catalog item; a new item needs title, category, price, cost and stock."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(..., pattern=ID_PATTERN)
+    title: str | None = Field(None, min_length=1, max_length=500)
+    category: str | None = Field(None, pattern=ID_PATTERN)
+    price: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
+    cost: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False, description="unit cost; margin follows")
+    stock: int | None = Field(None, ge=0, le=10**9)
+    url: str | None = Field(None, max_length=2048)
+    image_url: str | None = Field(None, max_length=2048)
+    active: bool | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> ItemPatch:
+        if not self.model_fields_set - {"item_id"}:
+            raise ValueError("nothing to change: give at least one field besides item_id")
+        return self
+
+
+class ItemBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[dict[str, object]] = Field(..., min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class ItemsRequest(RootModel[ItemPatch | ItemBatch]):
+    """Either one item patch or {"items": [...]} (each validated on its own)."""
+
+
+class RejectedItem(BaseModel):
+    index: int
+    item_id: str | None
+    errors: list[ValidationIssue]
+
+
+class ItemsResponse(BaseModel):
+    catalog_version: int
+    created: list[str]
+    updated: list[str]
+    rejected: list[RejectedItem]

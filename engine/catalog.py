@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,35 @@ class CatalogState:
             stock=np.array([it.stock for it in rows], dtype=np.int64),
             active=np.array([it.active for it in rows], dtype=np.bool_),
             popularity=np.array([it.popularity for it in rows], dtype=np.float32),
+        )
+
+    def patched(self, items: Iterable[CatalogItem], version: str) -> CatalogState:
+        """A new state with some items changed (copy on write); new items mean a full rebuild."""
+        changes = list(items)
+        if any(it.item_id not in self.index or it.category not in self.category_index for it in changes):
+            merged = {i: self.item(n) for n, i in enumerate(self.item_ids)}
+            merged.update({it.item_id: it for it in changes})
+            return CatalogState.from_items(merged.values(), version)
+        price, cost, stock = self.price.copy(), self.cost.copy(), self.stock.copy()
+        active, popularity, category = self.active.copy(), self.popularity.copy(), self.category.copy()
+        titles, urls, image_urls = list(self.titles), list(self.urls), list(self.image_urls)
+        for it in changes:
+            n = self.index[it.item_id]
+            price[n], cost[n], stock[n], active[n] = it.price, it.cost, it.stock, it.active
+            popularity[n], category[n] = it.popularity, self.category_index[it.category]
+            titles[n], urls[n], image_urls[n] = it.title, it.url, it.image_url
+        return replace(
+            self,
+            version=version,
+            titles=tuple(titles),
+            urls=tuple(urls),
+            image_urls=tuple(image_urls),
+            category=category,
+            price=price,
+            cost=cost,
+            stock=stock,
+            active=active,
+            popularity=popularity,
         )
 
     def __len__(self) -> int:

@@ -10,6 +10,8 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{c:<id>}:seen``            | zset   | ids of the customer's last 200 events (dedupe), 7-day TTL |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
+| ``<p>:{catalog}:changes``        | zset   | item_id → version of its last webhook change (capped)    |
+| ``<p>:{catalog}:base``           | string | oldest version the change log can bring a worker up from |
 | ``<p>:meta:loaded``              | hash   | when and from what the last bulk load ran                |
 
 A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
@@ -44,6 +46,14 @@ class Keys:
     @property
     def catalog_version(self) -> str:
         return f"{self.prefix}:{{catalog}}:version"
+
+    @property
+    def catalog_changes(self) -> str:
+        return f"{self.prefix}:{{catalog}}:changes"
+
+    @property
+    def catalog_base(self) -> str:
+        return f"{self.prefix}:{{catalog}}:base"
 
     @property
     def load_meta(self) -> str:

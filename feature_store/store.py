@@ -101,7 +101,13 @@ class RedisStore:
             pipe.hset(self.keys.catalog_items, mapping=chunk)  # type: ignore[arg-type]
         pipe.incr(self.keys.catalog_version)
         results = pipe.execute()
-        return int(results[-1])
+        version = int(results[-1])
+        # A bulk load is not in the change log: workers below this version reload the whole catalog.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.catalog_changes)
+        pipe.set(self.keys.catalog_base, version)
+        pipe.execute()
+        return version
 
     def catalog_version(self) -> str | None:
         return _text(self.client.get(self.keys.catalog_version))
@@ -136,6 +142,13 @@ class AsyncRedisStore:
     async def read_profile(self, customer_id: str) -> Profile | None:
         (raw,) = await self._run("profile read", ("GET", self.keys.profile(customer_id)))
         return _profile(customer_id, raw)
+
+    async def read_profile_and_catalog_version(self, customer_id: str) -> tuple[Profile | None, int | None]:
+        """The request's single round trip: the profile, and the catalog version to check freshness."""
+        raw, version = await self._run(
+            "profile read", ("GET", self.keys.profile(customer_id)), ("GET", self.keys.catalog_version)
+        )
+        return _profile(customer_id, raw), (int(version) if version is not None else None)
 
     async def catalog_version(self) -> str | None:
         (v,) = await self._run("catalog version read", ("GET", self.keys.catalog_version))

@@ -104,3 +104,25 @@ def test_redis_urls_are_parsed(url, expected):
 def test_an_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match="scheme"):
         Endpoint.from_url("http://localhost")
+
+
+def test_a_pipeline_is_one_write_and_one_wait(redis_url, keys):
+    async def main():
+        c = LeanRedis(redis_url, 1.0)
+        proto = await c._connection()
+        transport = proto.transport
+        assert transport is not None
+        writes: list[bytes] = []
+        real_write = transport.write
+
+        def counting_write(data) -> None:
+            writes.append(data)
+            real_write(data)
+
+        transport.write = counting_write  # type: ignore[method-assign]
+        replies = await c.pipeline([("SET", f"{keys.prefix}:a", "1"), ("GET", f"{keys.prefix}:a"), ("PING",)])
+        await c.close()
+        return writes, replies
+
+    writes, replies = run(main())
+    assert len(writes) == 1 and replies == [b"OK", b"1", b"PONG"]

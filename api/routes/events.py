@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.routing import Route
 
-from api.bodies import BodyError, Operation
+from api.bodies import Operation
+from api.routes.batches import split_batch, validate_each
 from api.runtime import Runtime
-from api.schemas import MAX_EVENTS_PER_REQUEST, EventIn, EventsRequest, EventsResponse, ValidationErrorBody
+from api.schemas import EventIn, EventsRequest, EventsResponse, ValidationErrorBody
 from feature_store.ingest import LiveEvent
-
-
-def _issues(exc: ValidationError, prefix: list[str | int]) -> list[dict[str, Any]]:
-    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors(include_url=False)]
-
-
-def _split(raw: bytes) -> tuple[list[Any], bool]:
-    """The event objects in a body, and whether it was a batch; a malformed envelope is a BodyError."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BodyError([{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}]) from exc
-    if isinstance(doc, dict) and set(doc) == {"events"}:
-        events = doc["events"]
-        if not isinstance(events, list) or not events:
-            raise BodyError([{"loc": ["body", "events"], "msg": "a non-empty list of events", "type": "list_type"}])
-        if len(events) > MAX_EVENTS_PER_REQUEST:
-            raise BodyError(
-                [
-                    {
-                        "loc": ["body", "events"],
-                        "msg": f"at most {MAX_EVENTS_PER_REQUEST} events per request",
-                        "type": "too_long",
-                    }
-                ]
-            )
-        return events, True
-    if isinstance(doc, dict):
-        return [doc], False
-    raise BodyError([{"loc": ["body"], "msg": "an event object or {'events': [...]}", "type": "model_type"}])
 
 
 def _live(e: EventIn) -> LiveEvent:
@@ -60,24 +28,9 @@ def _live(e: EventIn) -> LiveEvent:
 
 async def events(request: HttpRequest) -> Response:
     runtime: Runtime = request.app.state.runtime
-    docs, batch = _split(await request.body())
-    good: list[LiveEvent] = []
-    rejected: list[dict[str, Any]] = []
-    for i, doc in enumerate(docs):
-        try:
-            good.append(_live(EventIn.model_validate(doc)))
-        except ValidationError as exc:
-            if not batch:
-                raise BodyError(_issues(exc, ["body"])) from exc
-            event_id = doc.get("event_id") if isinstance(doc, dict) else None
-            rejected.append(
-                {
-                    "index": i,
-                    "event_id": event_id if isinstance(event_id, str) else None,
-                    "errors": _issues(exc, ["body", "events", i]),
-                }
-            )
-    statuses = await runtime.ingest(good) if good else []
+    docs, batch = split_batch(await request.body(), "events")
+    good, rejected = validate_each(docs, batch, EventIn, "events", "event_id")
+    statuses = await runtime.ingest([_live(e) for _, e in good]) if good else []
     if statuses is None:
         # Nothing was written: the caller retries the whole request (event ids make that safe).
         return JSONResponse(
