@@ -152,7 +152,7 @@ def recommend(
 
     reasons = _reasons(chosen, source_bits, margin_term, final, filled)
     ids = state.catalog.item_ids
-    scores = final[chosen].round(4).tolist()
+    scores = final[chosen].astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
     items = tuple(
         ShownItem(item_id=ids[i], position=pos + 1, score=scores[pos], reasons=reasons[pos])
         for pos, i in enumerate(chosen.tolist())

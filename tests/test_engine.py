@@ -40,6 +40,7 @@ def test_known_customer_gets_personal_als_items(state, model):
     assert not d.fallback and len(d.items) == 10
     assert any("als" in i.reasons for i in d.items)
     assert [i.position for i in d.items] == list(range(1, 11))
+    assert all(round(i.score, 4) == i.score for i in d.items)  # scores print as 0.8123, not 0.8122999668
 
 
 def test_unknown_customer_is_never_empty_and_marked_fallback(state):
