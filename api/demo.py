@@ -61,6 +61,34 @@ def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, t
     )
 
 
+def _show_event_effect(
+    console: Console, base: str, customer: str, catalog: Any, titles: dict[str, tuple[str, str, float]]
+) -> None:
+    """Read-your-writes, visibly: the customer views an item of a new category; the next decision follows."""
+    home = {"customer_id": customer, "placement": "home", "limit": 6}
+    before = {i["item_id"] for i in httpx.post(f"{base}/v1/recommendations", json=home, timeout=5).json()["items"]}
+    shown_cats = {titles[i][1] for i in before if i in titles}
+    fresh = catalog[~catalog["category"].isin(shown_cats) & (catalog["stock"] > 0) & catalog["active"]]
+    item = str(fresh["item_id"].iloc[0])
+    event = {
+        "event_id": f"demo-{time.time_ns()}",
+        "customer_id": customer,
+        "type": "view_item",
+        "item_id": item,
+        "timestamp": int(time.time()),
+    }
+    r = httpx.post(f"{base}/v1/events", json=event, timeout=5)
+    console.print(
+        f"[bold]POST /v1/events[/bold] {customer} views {item} ({titles[item][0]}, {titles[item][1]}) -> "
+        f"{r.status_code} {r.json()}"
+    )
+    console.print(
+        f"  [dim]curl -s -X POST {base}/v1/events -H 'content-type: application/json' "
+        f"-d '{orjson.dumps(event).decode()}'[/dim]"
+    )
+    _show(console, base, home, titles)
+
+
 def run_demo(
     console: Console,
     *,
@@ -121,6 +149,7 @@ def run_demo(
             _show(console, base, {"customer_id": heavy, "placement": "home", "limit": 8}, titles)
             _show(console, base, {"customer_id": typical, "placement": "home", "limit": 6}, titles)
             _show(console, base, {"customer_id": typical, "placement": "pdp", "context": {"item_id": item}}, titles)
+            _show_event_effect(console, base, typical, catalog, titles)
             _show(
                 console, base, {"customer_id": "someone-new", "placement": "cart", "context": {"cart": [item]}}, titles
             )
