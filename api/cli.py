@@ -246,16 +246,21 @@ def demo(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="latency")],
+    name: Annotated[str, typer.Argument(help="latency | ingest")],
     quick: Annotated[bool, typer.Option(help="a small, CI-sized run")] = False,
     out: Annotated[Path, typer.Option(help="where reports go")] = Path("benchmarks/reports"),
 ) -> None:
     """Run a benchmark: prints a table, writes a Markdown report with plots."""
-    if name != "latency":
-        raise _fail(f"unknown benchmark {name!r}; available: latency")
-    from benchmarks.latency import run_latency_bench
+    if name == "latency":
+        from benchmarks.latency import run_latency_bench
 
-    run_latency_bench(console, quick=quick, out_dir=out)
+        run_latency_bench(console, quick=quick, out_dir=out)
+    elif name == "ingest":
+        from benchmarks.ingest import run_ingest_bench
+
+        run_ingest_bench(console, quick=quick, out_dir=out)
+    else:
+        raise _fail(f"unknown benchmark {name!r}; available: latency, ingest")
 
 
 @registry_app.command("list")
