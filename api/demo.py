@@ -16,21 +16,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from api.readiness import wait_until_ready
 from api.settings import get_settings
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the server was not ready within {timeout_s:.0f}s")
 
 
 def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, tuple[str, str, float]]) -> None:
@@ -132,7 +119,7 @@ def run_demo(
         proc = subprocess.Popen([str(exe), "serve"], env=env)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base, proc)
+            wait_until_ready(base, proc)
             catalog = pd.read_parquet(shop_dir / "catalog.parquet")
             titles = {
                 r.item_id: (r.title, r.category, float(r.price))

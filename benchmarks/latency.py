@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from rich.console import Console
 
+from api.readiness import wait_until_ready
 from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 
@@ -203,20 +204,8 @@ def _start_server(url: str, registry_dir: Path, port: int, data_dir: Path) -> su
     }
     exe = Path(sys.executable).with_name("nextbest")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise RuntimeError("server not ready in 120 s")
+    wait_until_ready(f"http://127.0.0.1:{port}", proc, timeout_s=120)
+    return proc
 
 
 def _plot(results: list[LoadResult], report: Report) -> None:

@@ -4,12 +4,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from api.readiness import wait_until_ready
 from tests.conftest import load_shop
 
 
@@ -34,15 +34,7 @@ def server(redis_url, keys, shop_dir, trained, tmp_path):
     exe = Path(sys.executable).with_name("nextbest")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_until_ready(base, proc, timeout_s=60)
     yield base
     proc.terminate()
     proc.wait(20)

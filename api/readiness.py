@@ -1,0 +1,24 @@
+"""Waiting for a `nextbest serve` process to become ready (used by the demo, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+
+
+def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
+    """Poll /readyz until it answers 200; fail early if the process exits, and stop it on time-out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"the server was not ready within {timeout_s:.0f}s")
