@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,3 +54,27 @@ def test_two_workers_answer_and_metrics_add_up_across_them(server):
         if line.startswith('nextbest_decisions_total{placement="home"}')
     )
     assert served == 40  # whichever worker answered /metrics counts both workers' decisions
+
+
+def _fresh_connection_posts(base: str, path: str, body: dict[str, object], n: int) -> list[dict[str, Any]]:
+    # A new connection per request, so the kernel spreads them over both worker processes.
+    return [httpx.post(f"{base}{path}", json=body, timeout=5).json() for _ in range(n)]
+
+
+def test_an_event_and_a_stock_out_reach_every_worker_on_the_next_request(server, shop, rules):
+    consenting = shop.customers[shop.customers["consent_personalization"]]["customer_id"]
+    customer = str(consenting.iloc[1])
+    home = {"customer_id": customer, "placement": "home", "limit": 20}
+    durable = set(shop.catalog[~shop.catalog["category"].isin(rules.categories.repurchase)]["item_id"])
+    first = httpx.post(f"{server}/v1/recommendations", json=home, timeout=5).json()
+    shown = [i["item_id"] for i in first["items"]]
+    bought = next(i for i in shown if i in durable)
+    sold_out = next(i for i in shown if i != bought)
+    event = {"event_id": "x-1", "customer_id": customer, "type": "purchase", "item_id": bought, "timestamp": 1793000000}
+    assert httpx.post(f"{server}/v1/events", json=event, timeout=5).status_code == 202
+    assert (
+        httpx.post(f"{server}/v1/catalog/items", json={"item_id": sold_out, "stock": 0}, timeout=5).status_code == 200
+    )
+    for answer in _fresh_connection_posts(server, "/v1/recommendations", home, 12):
+        ids = {i["item_id"] for i in answer["items"]}
+        assert bought not in ids and sold_out not in ids
