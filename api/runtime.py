@@ -24,6 +24,7 @@ from engine.state import ServingState, build_state
 from engine.types import Decision, Profile
 from feature_store.breaker import CircuitBreaker
 from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
+from feature_store.consent import set_consent
 from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError
@@ -232,6 +233,17 @@ class Runtime:
         except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("catalog_write").inc()
             log.warning("catalog upsert failed: %s", exc)
+            return None
+
+    async def set_consent(
+        self, customer_id: str, changes: dict[str, bool], evidence: dict[str, object]
+    ) -> frozenset[str] | None:
+        """Change consents (applied to the very next decision); None if Redis failed and nothing changed."""
+        try:
+            return await set_consent(self.ingest_client, self.keys, customer_id, changes, evidence)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("consent").inc()
+            log.warning("consent update failed: %s", exc)
             return None
 
     async def readiness(self) -> dict[str, object]:

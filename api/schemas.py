@@ -142,3 +142,21 @@ class ItemsResponse(BaseModel):
     created: list[str]
     updated: list[str]
     rejected: list[RejectedItem]
+
+
+CONSENT_CHANNEL = Literal["email", "sms", "push", "personalization"]
+
+
+class ConsentUpdate(BaseModel):
+    """Consent per channel or purpose; channels not named keep their current value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels: dict[CONSENT_CHANNEL, bool] = Field(..., min_length=1, examples=[{"personalization": True}])
+    source: str = Field(..., min_length=1, max_length=100, examples=["cookie-banner"])
+    timestamp: datetime | None = Field(None, description="when the customer decided (default: now)")
+
+
+class ConsentState(BaseModel):
+    customer_id: str
+    consents: dict[str, bool]

@@ -7,6 +7,7 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | key                              | type   | holds                                                   |
 | -------------------------------- | ------ | ------------------------------------------------------- |
 | ``<p>:{c:<id>}:profile``         | string | the live profile: a compact JSON object (fields below)   |
+| ``<p>:{c:<id>}:consent``         | list   | consent changes as evidence (newest first, last 100)      |
 | ``<p>:{c:<id>}:seen``            | zset   | ids of the customer's last 200 events (dedupe), 7-day TTL |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
@@ -35,6 +36,9 @@ class Keys:
 
     def profile(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:profile"
+
+    def consent_evidence(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:consent"
 
     def seen_events(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:seen"

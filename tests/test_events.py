@@ -113,3 +113,32 @@ def test_profile_lists_stay_capped(client, redis_url, keys):
     assert client.post("/v1/events", json=batch).json()["accepted"] == 60
     views = _profile(redis_url, keys, "c9").recent_views
     assert len(views) == MAX_VIEWS and views[0] == "i59"
+
+
+def test_consent_given_and_withdrawn_applies_to_the_very_next_decision(client, redis_url, keys, shop):
+    item = str(shop.catalog["item_id"].iloc[3])
+    home = {"customer_id": "visitor-2", "placement": "home"}
+    client.post("/v1/events", json=_event("nv2", "visitor-2", "view_item", item))
+    assert client.post("/v1/recommendations", json=home).json()["fallback_reason"] == "no_personalization_consent"
+    given = {"channels": {"personalization": True}, "source": "cookie-banner"}
+    r = client.put("/v1/customers/visitor-2/consent", json=given)
+    assert r.status_code == 200 and r.json()["consents"]["personalization"] is True
+    assert r.json()["consents"]["email"] is False  # channels not named keep their value
+    assert client.post("/v1/recommendations", json=home).json()["fallback"] is False
+    withdrawn = {"channels": {"personalization": False}, "source": "account-settings"}
+    assert client.put("/v1/customers/visitor-2/consent", json=withdrawn).status_code == 200
+    assert client.post("/v1/recommendations", json=home).json()["fallback_reason"] == "no_personalization_consent"
+    import redis
+
+    evidence = redis.Redis.from_url(redis_url).lrange(keys.consent_evidence("visitor-2"), 0, -1)
+    assert [b"account-settings" in e for e in evidence] == [True, False]  # newest first, both kept
+    assert _profile(redis_url, keys, "visitor-2").recent_views == (item,)  # the rest of the profile untouched
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"channels": {}, "source": "x"}, {"channels": {"telepathy": True}, "source": "x"}, {"channels": {"sms": True}}],
+)
+def test_a_bad_consent_change_is_422_and_changes_nothing(client, redis_url, keys, body):
+    assert client.put("/v1/customers/new-9/consent", json=body).status_code == 422
+    assert RedisStore(redis_url, keys).read_profile("new-9") is None

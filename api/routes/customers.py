@@ -1,0 +1,40 @@
+"""PUT /v1/customers/{id}/consent: consent per channel, kept as evidence, applied to the next decision."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path
+
+from api.deps import get_runtime
+from api.runtime import Runtime
+from api.schemas import ID_PATTERN, ConsentState, ConsentUpdate, ValidationErrorBody
+from engine.types import CONSENT_CHANNELS
+
+router = APIRouter(tags=["customers"])
+
+
+@router.put(
+    "/v1/customers/{customer_id}/consent",
+    response_model=ConsentState,
+    responses={422: {"model": ValidationErrorBody}, 503: {"description": "store unavailable; nothing changed"}},
+    summary="Record a consent decision (only the channels given change)",
+)
+async def put_consent(
+    customer_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    body: ConsentUpdate,
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+) -> ConsentState:
+    when = body.timestamp or dt.datetime.now(dt.UTC)
+    changes = {str(k): v for k, v in body.channels.items()}
+    evidence: dict[str, object] = {
+        "channels": changes,
+        "source": body.source,
+        "at": when.isoformat(),
+        "recorded": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    held = await runtime.set_consent(customer_id, changes, evidence)
+    if held is None:
+        raise HTTPException(status_code=503, detail="consent store unavailable; nothing changed, retry")
+    return ConsentState(customer_id=customer_id, consents={c: c in held for c in CONSENT_CHANNELS})
