@@ -99,7 +99,6 @@ def recommend(
     `fallback_reason` is set by the caller when the profile could not be read (store down, timeout);
     an unknown customer or one without personalisation consent falls back here, with its reason.
     """
-    t0 = time.perf_counter()
     placement = state.rules.placement(req.placement)
     now_s = time.time() if now is None else now
     reason = fallback_reason
@@ -165,7 +164,6 @@ def recommend(
         items=items,
         fallback=reason is not None,
         fallback_reason=reason,
-        timings_ms={"engine": (time.perf_counter() - t0) * 1000.0},
     )
 
 

@@ -39,10 +39,6 @@ class ServingState:
         return self.model.version if self.model else None
 
 
-def _ranked_positions(catalog: CatalogState, ids: tuple[str, ...]) -> IntArray:
-    return catalog.indices(ids)
-
-
 def build_state(catalog: CatalogState, model: RecModel | None, rules: Rules) -> ServingState:
     n = len(catalog)
     ncat = len(catalog.categories)
@@ -64,9 +60,9 @@ def build_state(catalog: CatalogState, model: RecModel | None, rules: Rules) -> 
         nb_sim = np.zeros((n, nb.shape[1]), dtype=np.float32)
         nb_idx[m2c[known]] = nb_cat[known]
         nb_sim[m2c[known]] = np.where(nb_cat[known] >= 0, model.neighbours_sim[known], 0.0)
-        best = _ranked_positions(catalog, model.bestsellers)
+        best = catalog.indices(model.bestsellers)
         by_cat = {
-            catalog.category_index[c]: _ranked_positions(catalog, ids)
+            catalog.category_index[c]: catalog.indices(ids)
             for c, ids in model.bestsellers_by_category.items()
             if c in catalog.category_index
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 EVENT_TYPES = ("view_item", "add_to_cart", "purchase", "email_open", "email_click")
 CONSENT_CHANNELS = ("email", "sms", "push", "personalization")
@@ -73,4 +73,3 @@ class Decision:
     items: tuple[ShownItem, ...]
     fallback: bool = False
     fallback_reason: str | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)

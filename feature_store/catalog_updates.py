@@ -7,7 +7,6 @@ changed items (one more round trip, once per change) instead of the whole catalo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +15,12 @@ import orjson
 
 from engine.catalog import CatalogItem
 from feature_store.keys import Keys
-from feature_store.resp import LeanRedis, RespError
+from feature_store.resp import LeanRedis, Script
 
 MAX_CHANGES = 100_000
 REQUIRED_FOR_NEW = ("title", "category", "price", "cost", "stock")
 
-UPSERT_ITEMS = r"""
+UPSERT_ITEMS = Script(r"""
 local items_key, version_key, changes_key, base_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local cap = tonumber(ARGV[1])
 local required = cjson.decode(ARGV[2])
@@ -64,8 +63,7 @@ if #updates > 0 then
 end
 table.insert(status, 1, version)
 return status
-"""
-UPSERT_SHA = hashlib.sha1(UPSERT_ITEMS.encode()).hexdigest()
+""")
 
 
 @dataclass(frozen=True)
@@ -83,16 +81,6 @@ class CatalogDelta:
     items: list[CatalogItem]
 
 
-async def _run_script(client: LeanRedis, script: str, sha: str, command: tuple[Any, ...]) -> Any:
-    try:
-        return await client.execute("EVALSHA", sha, *command)
-    except RespError as exc:
-        if "NOSCRIPT" not in str(exc):
-            raise
-        await client.execute("SCRIPT", "LOAD", script)
-        return await client.execute("EVALSHA", sha, *command)
-
-
 class CatalogWriter:
     def __init__(self, client: LeanRedis, keys: Keys) -> None:
         self.client, self.keys = client, keys
@@ -103,7 +91,7 @@ class CatalogWriter:
         for item_id, patch in patches:
             args += [item_id, orjson.dumps(dict(patch))]
         keys = (k.catalog_items, k.catalog_version, k.catalog_changes, k.catalog_base)
-        reply = await _run_script(self.client, UPSERT_ITEMS, UPSERT_SHA, (4, *keys, *args))
+        (reply,) = await self.client.run_script(UPSERT_ITEMS, [(4, *keys, *args)])
         version, statuses = int(reply[0]), reply[1:]
         ids = [i for i, _ in patches]
         return UpsertResult(

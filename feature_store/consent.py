@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import orjson
 
 from engine.types import CONSENT_CHANNELS
 from feature_store.keys import Keys
-from feature_store.resp import LeanRedis, RespError
+from feature_store.resp import LeanRedis, Script
 
 MAX_EVIDENCE = 100  # consent changes kept per customer
 
-SET_CONSENT = r"""
+SET_CONSENT = Script(r"""
 local profile_key, evidence_key = KEYS[1], KEYS[2]
 local mask, values, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local raw = redis.call('GET', profile_key)
@@ -26,8 +25,7 @@ redis.call('SET', profile_key, cjson.encode(p))
 redis.call('LPUSH', evidence_key, ARGV[4])
 redis.call('LTRIM', evidence_key, 0, cap - 1)
 return bits
-"""
-SET_CONSENT_SHA = hashlib.sha1(SET_CONSENT.encode()).hexdigest()
+""")
 
 
 async def set_consent(
@@ -48,11 +46,5 @@ async def set_consent(
         MAX_EVIDENCE,
         orjson.dumps(dict(evidence)),
     )
-    try:
-        bits = await client.execute("EVALSHA", SET_CONSENT_SHA, *command)
-    except RespError as exc:
-        if "NOSCRIPT" not in str(exc):
-            raise
-        await client.execute("SCRIPT", "LOAD", SET_CONSENT)
-        bits = await client.execute("EVALSHA", SET_CONSENT_SHA, *command)
+    (bits,) = await client.run_script(SET_CONSENT, [command])
     return frozenset(c for i, c in enumerate(CONSENT_CHANNELS) if int(bits) >> i & 1)

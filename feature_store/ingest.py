@@ -8,19 +8,18 @@ API answers 202, the next decision for that customer sees the event (read-your-w
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
 from feature_store.profiles import MAX_CART, MAX_PURCHASES, MAX_VIEWS
-from feature_store.resp import LeanRedis, RespError
+from feature_store.resp import LeanRedis, Script
 
 DEDUPE_WINDOW = 200  # event ids remembered per customer
 DEDUPE_TTL_S = 7 * SECONDS_PER_DAY
 
-APPLY_EVENTS = r"""
+APPLY_EVENTS = Script(r"""
 local profile_key, seen_key = KEYS[1], KEYS[2]
 local max_views, max_cart, max_purchases = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -107,8 +106,7 @@ if changed then
   redis.call('EXPIRE', seen_key, ttl)
 end
 return status
-"""
-APPLY_SHA = hashlib.sha1(APPLY_EVENTS.encode()).hexdigest()
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,27 +127,20 @@ class EventWriter:
         self.client = client
         self.keys = keys
 
-    def _command(self, sha: str, customer_id: str, events: Sequence[LiveEvent]) -> tuple[str | int | float, ...]:
+    def _call(self, customer_id: str, events: Sequence[LiveEvent]) -> tuple[str | int | float, ...]:
         args: list[str | int | float] = [MAX_VIEWS, MAX_CART, MAX_PURCHASES, DEDUPE_WINDOW, DEDUPE_TTL_S]
         for e in events:
             args += [e.event_id, e.type, e.item_id, e.quantity, e.price, e.timestamp]
         keys = (self.keys.profile(customer_id), self.keys.seen_events(customer_id))
-        return ("EVALSHA", sha, 2, *keys, *args)
+        return (2, *keys, *args)
 
     async def apply(self, events: Sequence[LiveEvent]) -> list[bool]:
         by_customer: dict[str, list[int]] = {}
         for i, e in enumerate(events):
             by_customer.setdefault(e.customer_id, []).append(i)
         groups = list(by_customer.items())
-        commands = [self._command(APPLY_SHA, c, [events[i] for i in idx]) for c, idx in groups]
-        try:
-            replies = await self.client.pipeline(commands)
-        except RespError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-            # First use on this server (or after a restart): load the script, then run the batch.
-            await self.client.execute("SCRIPT", "LOAD", APPLY_EVENTS)
-            replies = await self.client.pipeline(commands)
+        calls = [self._call(c, [events[i] for i in idx]) for c, idx in groups]
+        replies = await self.client.run_script(APPLY_EVENTS, calls)
         out = [False] * len(events)
         for (_, idx), statuses in zip(groups, replies, strict=True):
             for i, s in zip(idx, statuses, strict=True):

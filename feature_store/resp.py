@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -52,6 +53,17 @@ class Endpoint:
         if u.path and u.path.strip("/"):
             db = int(u.path.strip("/"))
         return cls(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db, username=username, password=password)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script, run by its SHA1 and loaded into the server on first use (or after a restart)."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 class _Protocol(asyncio.Protocol):
@@ -159,6 +171,20 @@ class LeanRedis:
         """Several commands in one write and one round trip; replies in order (RespError on an error reply)."""
         proto = await self._connection()
         return await self._send(proto, commands)
+
+    async def run_script(self, script: Script, calls: Sequence[Sequence[Arg]]) -> list[Any]:
+        """One EVALSHA per call (numkeys, keys…, args…), all in one round trip; loads the script on NOSCRIPT.
+
+        Retrying the whole batch after a load is safe: NOSCRIPT means none of the calls ran.
+        """
+        commands = [("EVALSHA", script.sha, *call) for call in calls]
+        try:
+            return await self.pipeline(commands)
+        except RespError as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+            await self.execute("SCRIPT", "LOAD", script.source)
+            return await self.pipeline(commands)
 
     async def close(self) -> None:
         proto, self._proto = self._proto, None

@@ -48,6 +48,11 @@ def _wait_for(predicate, timeout_s: float = 10.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def _wait_until_personal(client: TestClient, body: dict[str, str]) -> None:
+    """Personal answers resume by themselves once Redis is back (the circuit breaker closes)."""
+    _wait_for(lambda: client.post("/v1/recommendations", json=body).json()["fallback"] is False)
+
+
 def _buyer(shop) -> str:
     return str(shop.events[shop.events["type"] == "purchase"]["customer_id"].value_counts().index[0])
 
@@ -190,12 +195,7 @@ def test_with_redis_stopped_answers_stay_valid_and_recover_when_it_returns(tmp_p
                 assert len(body["items"]) == 10
             assert c.get("/readyz").status_code == 503
             server.start()  # append-only file brings the profiles back
-            _wait_for(
-                lambda: (
-                    c.post("/v1/recommendations", json={"customer_id": buyer, "placement": "home"}).json()["fallback"]
-                    is False
-                )
-            )
+            _wait_until_personal(c, {"customer_id": buyer, "placement": "home"})
     finally:
         server.stop()
 
@@ -240,11 +240,6 @@ def test_a_paused_redis_gives_fallback_content_instead_of_a_hang(tmp_path, shop_
                 reasons.add(body["fallback_reason"])
             assert "redis_unavailable" in reasons  # the per-call timeout fired
             assert "redis_circuit_open" in reasons  # then the breaker stopped calling
-            _wait_for(
-                lambda: (
-                    c.post("/v1/recommendations", json={"customer_id": buyer, "placement": "home"}).json()["fallback"]
-                    is False
-                )
-            )
+            _wait_until_personal(c, {"customer_id": buyer, "placement": "home"})
     finally:
         server.stop()
