@@ -23,6 +23,8 @@ from api.settings import Settings, get_settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nextbest: real-time personalization decisions")
 registry_app = typer.Typer(no_args_is_help=True, help="Inspect and switch model versions")
 app.add_typer(registry_app, name="registry")
+log_app = typer.Typer(no_args_is_help=True, help="The decision log: export it for analysis and evaluation")
+app.add_typer(log_app, name="log")
 console = Console()
 
 
@@ -246,7 +248,7 @@ def demo(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="latency | ingest")],
+    name: Annotated[str, typer.Argument(help="latency | ingest | overhead")],
     quick: Annotated[bool, typer.Option(help="a small, CI-sized run")] = False,
     out: Annotated[Path, typer.Option(help="where reports go")] = Path("benchmarks/reports"),
 ) -> None:
@@ -259,8 +261,12 @@ def bench(
         from benchmarks.ingest import run_ingest_bench
 
         run_ingest_bench(console, quick=quick, out_dir=out)
+    elif name == "overhead":
+        from benchmarks.overhead import run_overhead_bench
+
+        run_overhead_bench(console, quick=quick, out_dir=out)
     else:
-        raise _fail(f"unknown benchmark {name!r}; available: latency, ingest")
+        raise _fail(f"unknown benchmark {name!r}; available: latency, ingest, overhead")
 
 
 @registry_app.command("list")
@@ -295,6 +301,42 @@ def registry_prune(
 
     removed = Registry(get_settings().registry_path).prune(keep)
     console.print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'}")
+
+
+@log_app.command("export")
+def log_export(
+    out: Annotated[Path, typer.Option(help="Parquet file to create (must not exist)")],
+    max_entries: Annotated[int, typer.Option(min=1, help="at most this many stream entries per file")] = 1_000_000,
+) -> None:
+    """Drain the decision log into Parquet; entries are acknowledged and removed only once written.
+
+    Safe to interrupt and rerun: every entry ends up in exactly one file.
+    """
+    from feature_store.keys import Keys
+    from feature_store.log_export import ExportError, LogExporter
+    from feature_store.store import RedisStore
+
+    settings = get_settings()
+    with redis_url(settings) as url:
+        store = RedisStore(url, Keys(settings.key_prefix))
+        try:
+            with console.status("exporting the decision log"):
+                result = LogExporter(store.client, store.keys).export(out, max_entries=max_entries)
+        except ExportError as exc:
+            raise _fail(str(exc)) from exc
+        finally:
+            store.close()
+    if result.recovered:
+        console.print(f"completed an interrupted export: {result.recovered:,} entries are in {result.recovered_file}")
+    for problem in result.problems:
+        console.print(f"[yellow]skipped[/yellow] {problem}")
+    if result.file is None:
+        console.print("nothing new to export")
+        return
+    console.print(
+        f"wrote {result.rows:,} rows ({result.decisions:,} decisions, {result.rewards:,} rewards) from "
+        f"{result.entries:,} stream entries to {result.file}"
+    )
 
 
 def main() -> None:

@@ -20,14 +20,16 @@ from api.readiness import wait_until_ready
 from api.settings import get_settings
 
 
-def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, tuple[str, str, float]]) -> None:
+def _show(
+    console: Console, base: str, body: dict[str, Any], titles: dict[str, tuple[str, str, float]]
+) -> dict[str, Any]:
     r = httpx.post(f"{base}/v1/recommendations", json=body, timeout=5.0)
-    data = r.json()
+    data: dict[str, Any] = r.json()
     ctx = body.get("context") or {}
     head = f"{body['placement']} for {body['customer_id']}" + (f" (context {ctx})" if ctx else "")
     flag = f" [yellow]fallback: {data['fallback_reason']}[/yellow]" if data.get("fallback") else ""
     table = Table(title=f"{head}{flag}", title_justify="left")
-    for col in ("#", "item", "title", "category", "price", "score"):
+    for col in ("#", "item", "title", "category", "price", "score", "p"):
         table.add_column(col)
     table.add_column("reasons", overflow="fold")
     for it in data["items"]:
@@ -39,6 +41,7 @@ def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, t
             cat,
             f"{price:.2f}",
             f"{it['score']:.3f}",
+            f"{it['propensity']:.2f}",
             ", ".join(it["reasons"]),
         )
     console.print(table)
@@ -46,6 +49,52 @@ def _show(console: Console, base: str, body: dict[str, Any], titles: dict[str, t
         f"  [dim]curl -s -X POST {base}/v1/recommendations -H 'content-type: application/json' "
         f"-d '{orjson.dumps(body).decode()}'[/dim]\n"
     )
+    return data
+
+
+def _arm(client: Any, key: str, item: str) -> tuple[int, int]:
+    n, s = client.hmget(key, f"n:{item}", f"s:{item}")
+    return int(n or 0), int(s or 0)
+
+
+def _show_click_effect(
+    console: Console, base: str, url: str, customer: str, titles: dict[str, tuple[str, str, float]]
+) -> None:
+    """The learning loop, visibly: a click on the last item feeds Thompson sampling on every worker."""
+    import redis
+
+    from feature_store.keys import Keys
+
+    settings = get_settings()
+    arms_key = Keys(settings.key_prefix).arms("home")
+    store = redis.Redis.from_url(url)
+    home = {"customer_id": customer, "placement": "home", "limit": 6}
+    first = _show(console, base, home, titles)
+    clicked = first["items"][-1]
+    before = _arm(store, arms_key, clicked["item_id"])
+    feedback = {"decision_id": first["decision_id"], "action": clicked["item_id"], "reward": "click"}
+    r = httpx.post(f"{base}/v1/feedback", json=feedback, timeout=5)
+    console.print(
+        f"[bold]POST /v1/feedback[/bold] {customer} clicks {clicked['item_id']} ({titles[clicked['item_id']][0]}), "
+        f"shown at #{clicked['position']} with p={clicked['propensity']:.2f} -> {r.status_code} {r.json()}"
+    )
+    console.print(
+        f"  [dim]curl -s -X POST {base}/v1/feedback -H 'content-type: application/json' "
+        f"-d '{orjson.dumps(feedback).decode()}'[/dim]"
+    )
+    time.sleep(settings.refresh_interval_s + 0.5)  # every worker re-reads the bandit state each interval
+    after = _arm(store, arms_key, clicked["item_id"])
+    console.print(
+        f"  the home placement's Thompson sampling state for {clicked['item_id']}: clicks/impressions "
+        f"{before[1]}/{before[0]} -> {after[1]}/{after[0]}, shared by every worker through Redis"
+    )
+    again = _show(console, base, home, titles)
+    shown = {i["item_id"]: i for i in again["items"]}
+    now = shown.get(clicked["item_id"])
+    where = f"#{now['position']} with p={now['propensity']:.2f}" if now else "not shown this time (exploration)"
+    was = f"#{clicked['position']} (p={clicked['propensity']:.2f})"
+    console.print(f"  next decision: {clicked['item_id']} was {was}, now {where}\n")
+    store.close()
 
 
 def _show_event_effect(
@@ -137,6 +186,7 @@ def run_demo(
             _show(console, base, {"customer_id": typical, "placement": "home", "limit": 6}, titles)
             _show(console, base, {"customer_id": typical, "placement": "pdp", "context": {"item_id": item}}, titles)
             _show_event_effect(console, base, typical, catalog, titles)
+            _show_click_effect(console, base, url, typical, titles)
             _show(
                 console, base, {"customer_id": "someone-new", "placement": "cart", "context": {"cart": [item]}}, titles
             )

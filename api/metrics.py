@@ -22,6 +22,10 @@ DECISION_LATENCY = Histogram(
 DECISIONS = Counter("nextbest_decisions_total", "Decisions served", ["placement"])
 FALLBACKS = Counter("nextbest_fallbacks_total", "Decisions answered with fallback content", ["placement", "reason"])
 REDIS_ERRORS = Counter("nextbest_redis_errors_total", "Failed or timed-out Redis calls", ["operation"])
+UNLOGGED = Counter(
+    "nextbest_decisions_unlogged_total", "Decisions answered but not in the decision log", ["placement", "reason"]
+)
+FEEDBACK = Counter("nextbest_feedback_total", "Feedback received by POST /v1/feedback", ["result"])
 EVENTS = Counter("nextbest_events_total", "Events received by POST /v1/events", ["result"])
 MODEL_LOADS = Counter("nextbest_model_loads_total", "Model version loads", ["result"])
 MODEL_INFO = Gauge("nextbest_model_info", "1 for the model version being served", ["version"], multiprocess_mode="max")

@@ -9,22 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from api import metrics
 from api.settings import Settings
 from engine.catalog import CatalogState
 from engine.pipeline import Request, recommend
+from engine.policies import Arms
 from engine.recmodel import RecModel, load_rec_model
 from engine.registry import ArtifactError, Registry
-from engine.rules import Rules, load_rules
+from engine.rules import DEFAULT_RULES_FILE, Rules, load_rules
 from engine.state import ServingState, build_state
 from engine.types import Decision, Profile
 from feature_store.breaker import CircuitBreaker
 from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
 from feature_store.consent import set_consent
+from feature_store.decision_log import DecisionLog, FeedbackResult, decision_entry
+from feature_store.erasure import erase_customer
 from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError
@@ -48,6 +54,8 @@ class Runtime:
     def __init__(self, settings: Settings, redis_url: str) -> None:
         self.settings = settings
         self.rules: Rules = load_rules(settings.rules_file)
+        rules_text = (settings.rules_file or DEFAULT_RULES_FILE).read_bytes()
+        self.config_version = hashlib.sha256(rules_text).hexdigest()[:12]
         self.registry = Registry(settings.registry_path)
         self.store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=settings.redis_timeout_ms / 1000.0)
         # Background refreshes get their own client and a patient timeout: a slow catalog read must
@@ -66,6 +74,22 @@ class Runtime:
         self.keys = Keys(settings.key_prefix)
         self._catalog_version = 0
         self._catalog_lock = asyncio.Lock()
+        # Decisions are logged on the request path's connection; a failed write never fails a decision.
+        self.decision_log = DecisionLog(
+            self.store.client,
+            self.keys,
+            max_entries=settings.log_max_entries,
+            feedback_window_s=settings.feedback_window_s,
+        )
+        self.feedback_log = DecisionLog(
+            self.ingest_client,
+            self.keys,
+            max_entries=settings.log_max_entries,
+            feedback_window_s=settings.feedback_window_s,
+        )
+        # Bandit state per placement (impressions, successes), re-read from Redis on every refresh.
+        self._arm_counts: dict[str, dict[str, tuple[float, float]]] = {}
+        self.arms: dict[str, Arms] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,7 +123,45 @@ class Runtime:
             # Long-lived model and catalog objects go to the permanent generation, so full garbage
             # collections (a latency spike on the request path) stop walking them.
             gc.freeze()
+        await self.refresh_arms()
         self.status.last_refresh = time.time()
+
+    def bandit_placements(self) -> list[str]:
+        """Placements whose live or shadow policy learns from feedback (Thompson sampling)."""
+        return [
+            name
+            for name, p in self.rules.placements.items()
+            if p.exploration.policy == "thompson" or (p.shadow is not None and p.shadow.policy == "thompson")
+        ]
+
+    async def refresh_arms(self) -> None:
+        """Re-read the bandit state every worker shares, and align it with the catalog in memory."""
+        if not self.settings.exploration:
+            return
+        try:
+            for placement in self.bandit_placements():
+                self._arm_counts[placement] = await self.feedback_log.read_arms(placement)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("arms").inc()
+            log.warning("bandit state refresh failed, keeping the last one: %s", exc)
+        self._align_arms()
+
+    def _align_arms(self) -> None:
+        catalog = self.catalog
+        if catalog is None:
+            return
+        arms: dict[str, Arms] = {}
+        for placement, counts in self._arm_counts.items():
+            trials = np.zeros(len(catalog), dtype=np.float64)
+            successes = np.zeros(len(catalog), dtype=np.float64)
+            if counts:
+                items = list(counts)
+                idx = catalog.indices(items)
+                known = [i for i, item in enumerate(items) if item in catalog.index]
+                values = np.asarray([counts[items[i]] for i in known], dtype=np.float64).reshape(-1, 2)
+                trials[idx], successes[idx] = values[:, 0], np.minimum(values[:, 1], values[:, 0])
+            arms[placement] = Arms(trials, successes)
+        self.arms = arms
 
     def _refresh_model(self) -> bool:
         live = self.registry.live_version()
@@ -163,6 +225,7 @@ class Runtime:
         if self.catalog is None:
             return
         self.state = build_state(self.catalog, self.model, self.rules)
+        self._align_arms()
         metrics.CATALOG_ITEMS.set(len(self.catalog))
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
@@ -172,18 +235,19 @@ class Runtime:
         log.warning("redis %s failed: %s", operation, exc)
 
     # ---- decisions -------------------------------------------------------------------------------
-    async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None]:
-        """The profile (and the catalog version) in one round trip, or the reason it could not be had."""
+    async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None, str | None]:
+        """The profile, the log pseudonym (and the catalog version) in one round trip, or the reason
+        they could not be had: (profile, pseudonym, fallback reason)."""
         if not self.breaker.allow():
-            return None, "redis_circuit_open"
+            return None, None, "redis_circuit_open"
         try:
-            profile, catalog_version = await self.store.read_profile_and_catalog_version(customer_id)
+            profile, pseudonym, catalog_version = await self.store.read_for_decision(customer_id)
         except StoreUnavailableError as exc:
             self._store_failed("profile", exc)
-            return None, "redis_unavailable"
+            return None, None, "redis_unavailable"
         except ProfileDecodeError as exc:
             log.error("%s", exc)
-            return None, "profile_unreadable"
+            return None, None, "profile_unreadable"
         if self.breaker.state != "closed":
             metrics.BREAKER_OPEN.set(0)
         self.breaker.record_success()
@@ -194,21 +258,69 @@ class Runtime:
             except (StoreUnavailableError, RespError, RespConnectionError, TimeoutError) as exc:
                 metrics.REDIS_ERRORS.labels("catalog").inc()
                 log.warning("catalog catch-up failed, deciding on version %s: %s", self._catalog_version, exc)
-        return profile, None
+        return profile, pseudonym, None
 
     async def recommend(self, req: Request) -> Decision:
         t0 = time.perf_counter()
         state = self.state
         if state is None:
             raise NotReadyError("no catalog loaded yet")
-        profile, reason = await self.read_profile(req.customer_id)
-        decision = recommend(self.state or state, req, profile, fallback_reason=reason)
+        profile, pseudonym, reason = await self.read_profile(req.customer_id)
+        state = self.state or state
+        arms = self.arms if state.catalog is self.catalog else {}
+        decision = recommend(state, req, profile, fallback_reason=reason, explore=self.settings.exploration, arms=arms)
+        if self.settings.decision_log:
+            if reason in ("redis_unavailable", "redis_circuit_open"):
+                # Redis just failed us: a write would only add its timeout to an answer already degraded.
+                metrics.UNLOGGED.labels(req.placement, "redis_unavailable").inc()
+            else:
+                await self._log_decision(decision, req, pseudonym)
         elapsed = time.perf_counter() - t0
         metrics.DECISION_LATENCY.labels(req.placement).observe(elapsed)
         metrics.DECISIONS.labels(req.placement).inc()
         if decision.fallback:
             metrics.FALLBACKS.labels(req.placement, decision.fallback_reason or "unknown").inc()
         return decision
+
+    async def _log_decision(self, decision: Decision, req: Request, pseudonym: str | None) -> None:
+        """Append the decision to the log before answering, so feedback on it can never arrive first."""
+        entry = decision_entry(
+            decision,
+            pseudonym=pseudonym,
+            channel="web",
+            config_version=self.config_version,
+            context=req.context,
+            ts_ms=int(time.time() * 1000),
+        )
+        try:
+            await self.decision_log.record(decision, entry, track_arms=req.placement in self.arms)
+        except TimeoutError:
+            # The commands were written on the connection, so Redis still runs them: only the reply was late.
+            metrics.REDIS_ERRORS.labels("decision_log").inc()
+        except (RespError, RespConnectionError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("decision_log").inc()
+            metrics.UNLOGGED.labels(req.placement, "write_failed").inc()
+            log.warning("decision %s not logged: %s", decision.decision_id, exc)
+
+    async def feedback(self, decision_id: str, action: str, reward_type: str, reward: float) -> FeedbackResult | None:
+        """Record a reward for a logged decision; None if Redis failed (nothing was recorded)."""
+        try:
+            result = await self.feedback_log.feedback(decision_id, action, reward_type, reward)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("feedback").inc()
+            log.warning("feedback failed: %s", exc)
+            return None
+        metrics.FEEDBACK.labels(result.status).inc()
+        return result
+
+    async def erase(self, customer_id: str) -> list[str] | None:
+        """Erase a customer's data; returns what existed, or None if Redis failed."""
+        try:
+            return await erase_customer(self.ingest_client, self.keys, customer_id)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("erasure").inc()
+            log.warning("erasure failed: %s", exc)
+            return None
 
     async def ingest(self, events: list[LiveEvent]) -> list[bool] | None:
         """Apply events to profiles; per event True (accepted) or False (duplicate); None if Redis failed.

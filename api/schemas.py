@@ -31,6 +31,9 @@ class RecommendedItem(BaseModel):
     item_id: str
     position: int
     score: float
+    propensity: float = Field(
+        description="probability the placement's policy chose this item for this position, given the ones before"
+    )
     reasons: list[str]
 
 
@@ -160,3 +163,50 @@ class ConsentUpdate(BaseModel):
 class ConsentState(BaseModel):
     customer_id: str
     consents: dict[str, bool]
+
+
+DECISION_ID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"  # a ULID, as every decision id nextbest hands out
+REWARD_TYPE = Literal["click", "add_to_cart", "purchase"]
+
+
+class FeedbackIn(BaseModel):
+    """A reward for one action of a logged decision: an item (or offer) that was shown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision_id: str = Field(..., pattern=DECISION_ID_PATTERN, examples=["01JDAB4ZK3W8T5N6QXR2C7M9EF"])
+    action: str = Field(..., pattern=ID_PATTERN, description="the item or offer id the reward is for")
+    reward: REWARD_TYPE | float = Field(
+        ..., description="click, add_to_cart, purchase, or a number (e.g. revenue)", examples=["click"]
+    )
+    value: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False, description="order value of a purchase")
+
+    @model_validator(mode="after")
+    def _finite(self) -> FeedbackIn:
+        if isinstance(self.reward, float) and not -1e9 <= self.reward <= 1e9:
+            raise ValueError("a numeric reward must be finite and within ±1e9")
+        if self.value is not None and self.reward != "purchase":
+            raise ValueError("value is only for purchase rewards")
+        return self
+
+    def reward_type_and_value(self) -> tuple[str, float]:
+        if isinstance(self.reward, float):
+            return "value", self.reward
+        if self.reward == "purchase":
+            return "purchase", self.value if self.value is not None else 1.0
+        return self.reward, 1.0
+
+
+class FeedbackOut(BaseModel):
+    status: Literal["accepted", "duplicate"]
+    decision_id: str
+    action: str
+    reward_type: str
+    reward: float
+    counted_as_success: bool = Field(description="whether this reward updated the placement's bandit state")
+
+
+class ErasureOut(BaseModel):
+    customer_id: str
+    erased: list[str] = Field(description="the kinds of data that existed and were deleted")
+    decision_log: str = Field(description="what happened to the customer's entries in the decision log")

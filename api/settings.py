@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
     refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")
     log_level: str = "info"
+    decision_log: bool = Field(True, description="append every decision to the decision log stream")
+    exploration: bool = Field(True, description="use each placement's exploration policy (off: greedy everywhere)")
+    feedback_window_s: int = Field(
+        86_400, ge=60, le=90 * 86_400, description="how long a decision accepts feedback (its record's TTL)"
+    )
+    log_max_entries: int = Field(
+        2_000_000, ge=1_000, description="cap on unexported log entries (a safety net: export drains the log)"
+    )
 
     @property
     def registry_path(self) -> Path:

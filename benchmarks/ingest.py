@@ -16,7 +16,7 @@ import orjson
 import redis
 from rich.console import Console
 
-from benchmarks.latency import _free_port, _start_server
+from benchmarks.latency import free_port, start_server
 from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 from feature_store.keys import Keys
@@ -105,8 +105,8 @@ def run_ingest_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     results: list[LoadResult] = []
     proc = None
     try:
-        port = _free_port()
-        proc = _start_server(server.url, registry, port, root)
+        port = free_port()
+        proc = start_server(server.url, registry, port, root)
         for rate in spec.events_per_s:
             req_rate = rate / spec.batch
             n_requests = int(req_rate * spec.duration_s * 1.2) + 10  # margin: no body is ever sent twice

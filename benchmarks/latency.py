@@ -42,19 +42,20 @@ FULL = BenchSpec(100_000, 5_000, 180, (250, 500, 750, 1000, 1250, 1500, 2000), 2
 QUICK = BenchSpec(5_000, 500, 60, (100, 250), 4.0, 2_000)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _prepare_shop(spec: BenchSpec, root: Path, console: Console) -> Path:
+def prepare_shop(customers: int, items: int, days: int, seed: int, root: Path, console: Console) -> Path:
+    """The synthetic shop of this size under `root`, generated once and reused by later runs."""
     from training.generator import ShopSpec, generate_shop
 
-    shop = root / f"shop-{spec.customers}x{spec.items}x{spec.days}-s{spec.seed}"
+    shop = root / f"shop-{customers}x{items}x{days}-s{seed}"
     if not (shop / "events.parquet").exists():
-        with console.status(f"generating {spec.customers:,} customers × {spec.items:,} items × {spec.days} days"):
-            generate_shop(ShopSpec(spec.customers, spec.items, spec.days, spec.seed), shop)
+        with console.status(f"generating {customers:,} customers × {items:,} items × {days} days"):
+            generate_shop(ShopSpec(customers, items, days, seed), shop)
     return shop
 
 
@@ -170,7 +171,7 @@ def _store_fallbacks(counts: dict[str, float]) -> float:
     return sum(v for k, v in counts.items() if k.startswith("redis_") or k == "profile_unreadable")
 
 
-def _requests(ids: list[str], shop_dir: Path, seed: int, n: int = 5_000) -> list[Request]:
+def requests_mix(ids: list[str], shop_dir: Path, seed: int, n: int = 5_000) -> list[Request]:
     import pandas as pd
 
     rng = np.random.default_rng(seed)
@@ -194,13 +195,17 @@ def _requests(ids: list[str], shop_dir: Path, seed: int, n: int = 5_000) -> list
     return out
 
 
-def _start_server(url: str, registry_dir: Path, port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    url: str, registry_dir: Path, port: int, data_dir: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`nextbest serve` with 2 workers against `url`, returned once it is ready."""
     env = {
         **os.environ,
         "REDIS_URL": url,
         "NEXTBEST_REGISTRY_DIR": str(registry_dir),
         "NEXTBEST_DATA_DIR": str(data_dir),
         "NEXTBEST_LOG_LEVEL": "warning",
+        **(extra_env or {}),
     }
     exe = Path(sys.executable).with_name("nextbest")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
@@ -229,18 +234,24 @@ def _plot(results: list[LoadResult], report: Report) -> None:
     plt.close(fig)
 
 
+def bench_root() -> Path:
+    """Where benchmarks keep generated shops, models and their Redis between runs."""
+    root = Path(os.environ.get("NEXTBEST_DATA_DIR", "var")) / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     from feature_store.server import EmbeddedRedis
 
     spec = QUICK if quick else FULL
-    root = Path(os.environ.get("NEXTBEST_DATA_DIR", "var")) / "bench"
-    root.mkdir(parents=True, exist_ok=True)
+    root = bench_root()
     report = Report(
         name="latency-quick" if quick else "latency",
         title="Serving latency, store and training figures",
         params={**spec.__dict__, "p99_budget_ms": P99_BUDGET_MS, "workers": 2, "open_loop": True},
     )
-    shop_dir = _prepare_shop(spec, root, console)
+    shop_dir = prepare_shop(spec.customers, spec.items, spec.days, spec.seed, root, console)
     report.add_dataset("events", shop_dir / "events.parquet")
     registry_dir = root / f"registry-{spec.customers}"
     train_fig, version = _training_figures(shop_dir, registry_dir, console)
@@ -248,9 +259,9 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     proc = None
     try:
         store_fig, ids = _load_and_measure_store(shop_dir, server.url, spec, console)
-        port = _free_port()
-        proc = _start_server(server.url, registry_dir, port, root)
-        reqs = _requests(ids, shop_dir, spec.seed)
+        port = free_port()
+        proc = start_server(server.url, registry_dir, port, root)
+        reqs = requests_mix(ids, shop_dir, spec.seed)
         console.print(f"open-loop sweep over {list(spec.rates)} req/s, {spec.duration_s:.0f} s each")
         results: list[LoadResult] = []
         per_rate: list[dict[str, float]] = []

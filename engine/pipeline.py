@@ -7,17 +7,19 @@ evaluation runs the exact pipeline the API serves.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine import candidates as cs
+from engine import policies
 from engine.catalog import BoolArray, IntArray
-from engine.ids import new_decision_id
+from engine.ids import decision_seed, new_decision_id
 from engine.rerank import blend, diversify, rank
-from engine.rules import Placement
+from engine.rules import Exploration, Greedy, Placement
 from engine.state import ServingState
-from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShownItem
+from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShadowDecision, ShownItem
 
 PERSONAL_SOURCES = frozenset({"als", "buy_again", "recent_neighbours"})
 FALLBACK_SOURCES = {"neighbours": 1.0, "bestsellers": 0.5}
@@ -37,6 +39,7 @@ REASONS_BY_MASK = tuple(
     for mask in range(1 << len(REASON_BITS))
 )
 HEAD_FACTOR = 6
+GREEDY = Greedy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +96,21 @@ def recommend(
     fallback_reason: str | None = None,
     now: float | None = None,
     decision_id: str | None = None,
+    explore: bool = True,
+    arms: Mapping[str, policies.Arms] | None = None,
 ) -> Decision:
     """Decide the items for one placement. Never returns fewer items than are available to show.
 
     `fallback_reason` is set by the caller when the profile could not be read (store down, timeout);
     an unknown customer or one without personalisation consent falls back here, with its reason.
+    With `explore`, the placement's exploration policy picks the shown items from the head of the
+    ranking (seeded by the decision id, so the decision replays) and each item carries its propensity;
+    `arms` holds the bandit state per placement, aligned with the catalog.
     """
     placement = state.rules.placement(req.placement)
     now_s = time.time() if now is None else now
+    decision_id = decision_id or new_decision_id(int(now_s * 1000))
+    spec: Exploration = placement.exploration if explore else GREEDY
     reason = fallback_reason
     if reason is None and state.model is None:
         reason = "model_unavailable"
@@ -130,11 +140,25 @@ def recommend(
     candidates = found & ~banned
     cap = placement.rerank.max_per_category
     # Diversity usually needs only the head of the ranking; rank everything only if the head falls short.
-    ranked = rank(final, candidates, top=HEAD_FACTOR * req.limit)
+    pool_size = max(spec.pool, req.limit)
+    head = max(HEAD_FACTOR * req.limit, 2 * pool_size)
+    ranked = rank(final, candidates, top=head)
     chosen, overflow = diversify(ranked, state.catalog.category, cap)
-    if len(chosen) < req.limit and len(ranked) == HEAD_FACTOR * req.limit:
+    if len(chosen) < pool_size and len(ranked) == head:
         chosen, overflow = diversify(rank(final, candidates), state.catalog.category, cap)
-    chosen = chosen[: req.limit]
+    # The policy picks the shown items from the diversified head (any subset keeps the category cap).
+    pool = chosen[:pool_size]
+    pool_scores = final[pool].astype(np.float64)
+    pool_arms = _pool_arms(arms, req.placement, pool)
+    rng = np.random.default_rng(decision_seed(decision_id))
+    selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
+    chosen = pool[selection.order]
+    propensity = selection.propensities
+    shadow = None
+    if explore and placement.shadow is not None:
+        # The shadow draws from the same generator only after the live choice is made: it never shifts
+        # what is shown, and the whole decision still replays from its id.
+        shadow = _shadow(placement.shadow, state, pool, pool_scores, selection.order, req.limit, rng, pool_arms)
     filled: IntArray = np.empty(0, dtype=np.int64)
     if len(chosen) < req.limit:
         # Never short: first relax diversity, then take bestsellers, then anything in stock.
@@ -152,18 +176,52 @@ def recommend(
     reasons = _reasons(chosen, source_bits, margin_term, final, filled)
     ids = state.catalog.item_ids
     scores = final[chosen].astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
+    # Backfilled items are deterministic once the pool is used up: probability 1.
+    props = propensity.tolist() + [1.0] * (len(chosen) - len(propensity))
     items = tuple(
-        ShownItem(item_id=ids[i], position=pos + 1, score=scores[pos], reasons=reasons[pos])
+        ShownItem(item_id=ids[i], position=pos + 1, score=scores[pos], reasons=reasons[pos], propensity=props[pos])
         for pos, i in enumerate(chosen.tolist())
     )
     return Decision(
-        decision_id=decision_id or new_decision_id(int(now_s * 1000)),
+        decision_id=decision_id,
         placement=req.placement,
         customer_id=req.customer_id,
         model_version=state.model_version,
         items=items,
         fallback=reason is not None,
         fallback_reason=reason,
+        policy=spec.policy,
+        policy_params=tuple(spec.params().items()),
+        shadow=shadow,
+    )
+
+
+def _pool_arms(arms: Mapping[str, policies.Arms] | None, placement: str, pool: IntArray) -> policies.Arms | None:
+    table = arms.get(placement) if arms else None
+    if table is None:
+        return None
+    return policies.Arms(table.trials[pool], table.successes[pool])
+
+
+def _shadow(
+    spec: Exploration,
+    state: ServingState,
+    pool: IntArray,
+    scores: policies.FloatArray,
+    shown: IntArray,
+    limit: int,
+    rng: np.random.Generator,
+    arms: policies.Arms | None,
+) -> ShadowDecision:
+    """The shadow policy's own picks, and its probabilities for what the live policy showed."""
+    own = policies.choose(spec, scores, limit, rng, arms)
+    targets = policies.evaluate(spec, scores, shown, rng, arms)
+    ids = state.catalog.item_ids
+    return ShadowDecision(
+        policy=spec.policy,
+        params=tuple(spec.params().items()),
+        items=tuple((ids[i], p) for i, p in zip(pool[own.order].tolist(), own.propensities.tolist(), strict=True)),
+        target_propensities=tuple(targets.tolist()),
     )
 
 

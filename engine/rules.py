@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,8 +37,64 @@ class Filters(_Strict):
     allow_repurchase: bool = False  # True: bought items may come back in every category
 
 
+class _Policy(_Strict):
+    """Shared by the exploration specs: each names itself and can list its parameters for the decision log."""
+
+    def params(self) -> dict[str, float | int]:
+        """The tuning parameters (everything but the policy name), so a logged decision says how it explored."""
+        return self.model_dump(exclude={"policy"})
+
+
+_POOL_DESCRIPTION = "how many top-ranked candidates the policy chooses among"
+
+
+class Greedy(_Policy):
+    """Always the best-scored remaining candidate: reproduces the ranker's order exactly."""
+
+    policy: Literal["greedy"] = "greedy"
+    pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
+
+
+class EpsilonGreedy(_Policy):
+    """With probability epsilon a uniformly random remaining candidate, otherwise the best one."""
+
+    policy: Literal["epsilon_greedy"] = "epsilon_greedy"
+    epsilon: float = Field(0.1, gt=0, le=1)
+    pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
+
+
+class Softmax(_Policy):
+    """Candidates drawn with probability proportional to exp(score / temperature)."""
+
+    policy: Literal["softmax"] = "softmax"
+    temperature: float = Field(0.1, gt=0, le=100)
+    pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
+
+
+class Thompson(_Policy):
+    """Beta-Bernoulli Thompson sampling on observed clicks, with the ranker's score as the prior."""
+
+    policy: Literal["thompson"] = "thompson"
+    prior_ctr: float = Field(
+        0.05, gt=0, lt=1, description="expected click rate of the best-ranked candidate (the prior's scale)"
+    )
+    prior_strength: float = Field(
+        50.0, ge=0, le=100_000, description="impressions the ranker's prior is worth (0: uniform Beta(1, 1))"
+    )
+    samples: int = Field(100, ge=10, le=10000, description="Monte Carlo draws estimating each slot's probabilities")
+    pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
+
+
+Exploration = Annotated[Greedy | EpsilonGreedy | Softmax | Thompson, Field(discriminator="policy")]
+
+
 class Placement(_Strict):
-    """A named group of slots with its candidate sources, filters and re-ranking."""
+    """A named group of slots with its candidate sources, filters, re-ranking and exploration policy.
+
+    `exploration` picks the shown items from the top `pool` re-ranked candidates and reports each slot's
+    propensity; `shadow`, when set, is a second policy whose propensities for the shown items are logged
+    next to the live ones but which never chooses what is shown, so it can be judged off-policy before it goes live.
+    """
 
     description: str = ""
     default_limit: int = Field(10, ge=1, le=100)
@@ -50,6 +106,8 @@ class Placement(_Strict):
     candidates_per_source: int = Field(200, ge=10, le=5000)
     filters: Filters = Filters()
     rerank: Rerank = Rerank()
+    exploration: Exploration = Greedy()
+    shadow: Exploration | None = None
 
     @model_validator(mode="after")
     def _limits(self) -> Placement:

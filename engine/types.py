@@ -60,6 +60,19 @@ class ShownItem:
     position: int  # 1-based
     score: float
     reasons: tuple[str, ...]
+    propensity: float = 1.0  # probability the policy chose this item for this slot, given the slots before
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowDecision:
+    """What a second (shadow) policy would have shown, evaluated on the same candidates but never shown."""
+
+    policy: str
+    params: tuple[tuple[str, float], ...]
+    items: tuple[tuple[str, float], ...]  # (item_id, propensity) per slot of the shadow's own list
+    # The shadow's probability of each *shown* item at its slot given the shown items before it: the
+    # target propensities off-policy evaluation needs to estimate the shadow's value from live traffic.
+    target_propensities: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +86,6 @@ class Decision:
     items: tuple[ShownItem, ...]
     fallback: bool = False
     fallback_reason: str | None = None
+    policy: str = "greedy"
+    policy_params: tuple[tuple[str, float], ...] = ()
+    shadow: ShadowDecision | None = None

@@ -8,12 +8,13 @@ import orjson
 
 from engine.types import CONSENT_CHANNELS
 from feature_store.keys import Keys
+from feature_store.profiles import new_pseudonym
 from feature_store.resp import LeanRedis, Script
 
 MAX_EVIDENCE = 100  # consent changes kept per customer
 
 SET_CONSENT = Script(r"""
-local profile_key, evidence_key = KEYS[1], KEYS[2]
+local profile_key, evidence_key, pid_key = KEYS[1], KEYS[2], KEYS[3]
 local mask, values, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local raw = redis.call('GET', profile_key)
 local p = {}
@@ -24,6 +25,7 @@ p['cs'] = tostring(bits)
 redis.call('SET', profile_key, cjson.encode(p))
 redis.call('LPUSH', evidence_key, ARGV[4])
 redis.call('LTRIM', evidence_key, 0, cap - 1)
+redis.call('SET', pid_key, ARGV[5], 'NX')
 return bits
 """)
 
@@ -38,13 +40,15 @@ async def set_consent(
             mask |= 1 << i
             values |= (1 << i) if changes[channel] else 0
     command = (
-        2,
+        3,
         keys.profile(customer_id),
         keys.consent_evidence(customer_id),
+        keys.pseudonym(customer_id),
         mask,
         values,
         MAX_EVIDENCE,
         orjson.dumps(dict(evidence)),
+        new_pseudonym(),
     )
     (bits,) = await client.run_script(SET_CONSENT, [command])
     return frozenset(c for i, c in enumerate(CONSENT_CHANNELS) if int(bits) >> i & 1)

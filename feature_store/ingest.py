@@ -2,7 +2,8 @@
 
 The script deduplicates by event id (a capped, expiring sorted set per customer, under the customer's
 hash tag so it lives beside the profile on Redis Cluster) and applies accepted events to the profile
-JSON: recent views, cart, purchases, orders, spend, last seen. Because the profile is written before the
+JSON: recent views, cart, purchases, orders, spend, last seen. A customer seen for the first time also
+gets a random pseudonym, the only identifier the decision log holds. Because the profile is written before the
 API answers 202, the next decision for that customer sees the event (read-your-writes).
 """
 
@@ -13,16 +14,16 @@ from dataclasses import dataclass
 
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
-from feature_store.profiles import MAX_CART, MAX_PURCHASES, MAX_VIEWS
+from feature_store.profiles import MAX_CART, MAX_PURCHASES, MAX_VIEWS, new_pseudonym
 from feature_store.resp import LeanRedis, Script
 
 DEDUPE_WINDOW = 200  # event ids remembered per customer
 DEDUPE_TTL_S = 7 * SECONDS_PER_DAY
 
 APPLY_EVENTS = Script(r"""
-local profile_key, seen_key = KEYS[1], KEYS[2]
+local profile_key, seen_key, pid_key = KEYS[1], KEYS[2], KEYS[3]
 local max_views, max_cart, max_purchases = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local window, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local window, ttl, pid = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 
 local function split(s, sep)
   local out = {}
@@ -56,7 +57,7 @@ local orders, spend, updated = tonumber(p['o'] or '0'), tonumber(p['m'] or '0'),
 
 local status = {}
 local changed = false
-for i = 6, #ARGV, 6 do
+for i = 7, #ARGV, 6 do
   local event_id, etype, item = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local qty, price, ts = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   if redis.call('ZSCORE', seen_key, event_id) then
@@ -104,6 +105,7 @@ if changed then
   local size = redis.call('ZCARD', seen_key)
   if size > window then redis.call('ZREMRANGEBYRANK', seen_key, 0, size - window - 1) end
   redis.call('EXPIRE', seen_key, ttl)
+  redis.call('SET', pid_key, pid, 'NX')
 end
 return status
 """)
@@ -129,10 +131,11 @@ class EventWriter:
 
     def _call(self, customer_id: str, events: Sequence[LiveEvent]) -> tuple[str | int | float, ...]:
         args: list[str | int | float] = [MAX_VIEWS, MAX_CART, MAX_PURCHASES, DEDUPE_WINDOW, DEDUPE_TTL_S]
+        args.append(new_pseudonym())  # used only if the customer has none yet
         for e in events:
             args += [e.event_id, e.type, e.item_id, e.quantity, e.price, e.timestamp]
-        keys = (self.keys.profile(customer_id), self.keys.seen_events(customer_id))
-        return (2, *keys, *args)
+        k = self.keys
+        return (3, k.profile(customer_id), k.seen_events(customer_id), k.pseudonym(customer_id), *args)
 
     async def apply(self, events: Sequence[LiveEvent]) -> list[bool]:
         by_customer: dict[str, list[int]] = {}

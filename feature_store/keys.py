@@ -9,11 +9,17 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{c:<id>}:profile``         | string | the live profile: a compact JSON object (fields below)   |
 | ``<p>:{c:<id>}:consent``         | list   | consent changes as evidence (newest first, last 100)      |
 | ``<p>:{c:<id>}:seen``            | zset   | ids of the customer's last 200 events (dedupe), 7-day TTL |
+| ``<p>:{c:<id>}:pid``             | string | random pseudonym used in the decision log (erasure deletes it) |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
 | ``<p>:{catalog}:changes``        | zset   | item_id → version of its last webhook change (capped)    |
 | ``<p>:{catalog}:base``           | string | oldest version the change log can bring a worker up from |
 | ``<p>:meta:loaded``              | hash   | when and from what the last bulk load ran                |
+| ``<p>:{log}:stream``             | stream | the decision log: decisions and rewards (drained by export) |
+| ``<p>:{log}:d:<decision_id>``    | string | shown actions of a decision, for joining feedback (TTL)  |
+| ``<p>:{log}:f:<decision_id>``    | set    | feedback already recorded for a decision (idempotency)   |
+| ``<p>:{log}:export``             | string | the export in progress: file and stream ids (recovery)   |
+| ``<p>:{policy:<placement>}:arms``| hash   | ``n:<item>`` impressions, ``s:<item>`` successes (bandits)|
 
 A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
 encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
@@ -42,6 +48,35 @@ class Keys:
 
     def seen_events(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:seen"
+
+    def pseudonym(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:pid"
+
+    def customer_keys(self, customer_id: str) -> dict[str, str]:
+        """Every key that holds data about one customer, by what it holds (erasure deletes them all)."""
+        return {
+            "profile": self.profile(customer_id),
+            "consent_evidence": self.consent_evidence(customer_id),
+            "event_dedupe": self.seen_events(customer_id),
+            "pseudonym": self.pseudonym(customer_id),
+        }
+
+    @property
+    def log_stream(self) -> str:
+        return f"{self.prefix}:{{log}}:stream"
+
+    def logged_decision(self, decision_id: str) -> str:
+        return f"{self.prefix}:{{log}}:d:{decision_id}"
+
+    def feedback_seen(self, decision_id: str) -> str:
+        return f"{self.prefix}:{{log}}:f:{decision_id}"
+
+    @property
+    def log_export(self) -> str:
+        return f"{self.prefix}:{{log}}:export"
+
+    def arms(self, placement: str) -> str:
+        return f"{self.prefix}:{{policy:{placement}}}:arms"
 
     @property
     def catalog_items(self) -> str:

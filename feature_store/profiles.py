@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 
 from engine.types import CONSENT_CHANNELS, Profile, PurchaseSummary
@@ -10,6 +11,12 @@ MAX_VIEWS = 20
 MAX_CART = 20
 MAX_PURCHASES = 30
 MAX_AFFINITIES = 5
+
+
+def new_pseudonym() -> str:
+    """A random 64-bit customer pseudonym: it cannot be derived from the customer id, so deleting the
+    customer's link to it (erasure) leaves every log entry that carries it irreversibly anonymous."""
+    return secrets.token_hex(8)
 
 
 class ProfileDecodeError(ValueError):

@@ -17,7 +17,7 @@ import redis
 from engine.catalog import CatalogItem
 from engine.types import Profile
 from feature_store.keys import Keys
-from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile
+from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile, new_pseudonym
 from feature_store.resp import LeanRedis, RespConnectionError, RespError
 
 BATCH = 2_000
@@ -77,6 +77,8 @@ class RedisStore:
         for p in profiles:
             key = self.keys.profile(p.customer_id)
             pipe.set(key, orjson.dumps(encode_profile(p)), ex=ttl_s)
+            # A reload keeps a customer's pseudonym, so decision logs stay linkable across loads.
+            pipe.set(self.keys.pseudonym(p.customer_id), new_pseudonym(), nx=True)
             n += 1
             if n % BATCH == 0:
                 pipe.execute()
@@ -143,12 +145,17 @@ class AsyncRedisStore:
         (raw,) = await self._run("profile read", ("GET", self.keys.profile(customer_id)))
         return _profile(customer_id, raw)
 
-    async def read_profile_and_catalog_version(self, customer_id: str) -> tuple[Profile | None, int | None]:
-        """The request's single round trip: the profile, and the catalog version to check freshness."""
-        raw, version = await self._run(
-            "profile read", ("GET", self.keys.profile(customer_id)), ("GET", self.keys.catalog_version)
+    async def read_for_decision(self, customer_id: str) -> tuple[Profile | None, str | None, int | None]:
+        """The request's single round trip: the profile, the customer's log pseudonym, and the catalog
+        version to check freshness."""
+        k = self.keys
+        raw, pid, version = await self._run(
+            "profile read",
+            ("GET", k.profile(customer_id)),
+            ("GET", k.pseudonym(customer_id)),
+            ("GET", k.catalog_version),
         )
-        return _profile(customer_id, raw), (int(version) if version is not None else None)
+        return _profile(customer_id, raw), _text(pid), (int(version) if version is not None else None)
 
     async def catalog_version(self) -> str | None:
         (v,) = await self._run("catalog version read", ("GET", self.keys.catalog_version))

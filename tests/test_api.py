@@ -205,9 +205,13 @@ def _commands_served(client) -> dict[str, int]:
     return {k: int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
 
 
-def test_a_decision_costs_one_redis_round_trip_whatever_the_candidates(redis_url, keys, shop_dir, registry_copy, shop):
+@pytest.mark.parametrize("logged", [True, False])
+def test_a_decision_costs_one_read_round_trip_whatever_the_candidates(
+    redis_url, keys, shop_dir, registry_copy, shop, logged
+):
     load_shop(redis_url, keys, shop_dir)
-    app = create_app(_settings(registry_copy.root, keys, refresh_interval_s=3600), redis_url=redis_url)
+    settings = _settings(registry_copy.root, keys, refresh_interval_s=3600, decision_log=logged)
+    app = create_app(settings, redis_url=redis_url)
     with TestClient(app) as c:
         body = {"customer_id": _buyer(shop), "placement": "cart", "limit": 40, "context": {"cart": ["i1", "i2", "i3"]}}
         c.post("/v1/recommendations", json=body)  # warm up the connection
@@ -217,9 +221,11 @@ def test_a_decision_costs_one_redis_round_trip_whatever_the_candidates(redis_url
         r = c.post("/v1/recommendations", json=body)
         after = _commands_served(counter)
     assert r.status_code == 200 and r.json()["fallback"] is False
-    # The profile and the catalog version, written together as one pipeline (see test_resp): one round trip.
+    # The profile, the log pseudonym and the catalog version, written together as one pipeline (see
+    # test_resp): one round trip. Logging is a second one: the entry and the record feedback joins on.
     delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    assert delta == {"cmdstat_get": 2}
+    log_writes = {"cmdstat_xadd": 1, "cmdstat_set": 1} if logged else {}
+    assert delta == {"cmdstat_get": 3} | log_writes
 
 
 def test_a_paused_redis_gives_fallback_content_instead_of_a_hang(tmp_path, shop_dir, registry_copy, shop):

@@ -12,8 +12,10 @@ from tests.conftest import load_shop
 
 
 def _app(redis_url, keys, root):
-    # A refresh interval of an hour: only the request path can bring the change in.
-    return create_app(Settings(registry_dir=root, key_prefix=keys.prefix, refresh_interval_s=3600), redis_url=redis_url)
+    # A refresh interval of an hour: only the request path can bring the change in. Greedy, so both
+    # workers show the same list and a change is the catalog's doing, not exploration's.
+    settings = Settings(registry_dir=root, key_prefix=keys.prefix, refresh_interval_s=3600, exploration=False)
+    return create_app(settings, redis_url=redis_url)
 
 
 @pytest.fixture

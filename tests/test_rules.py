@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.rules import RulesError, load_rules, parse_rules
+from engine.rules import EpsilonGreedy, Greedy, RulesError, Thompson, load_rules, parse_rules
 
 
 def test_bundled_rules_define_home_pdp_and_cart():
@@ -35,3 +35,30 @@ def test_broken_yaml_reports_line_and_column():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(RulesError, match="cannot read rules file"):
         load_rules(tmp_path / "absent.yaml")
+
+
+def test_exploration_defaults_to_greedy_and_parses_a_shadow_policy():
+    text = (
+        "placements:\n  home:\n"
+        "    exploration: {policy: epsilon_greedy, epsilon: 0.2, pool: 40}\n"
+        "    shadow: {policy: thompson, prior_strength: 8}\n"
+        "  pdp: {}\n"
+    )
+    rules = parse_rules(text, Path("r.yaml"))
+    home = rules.placement("home")
+    assert isinstance(home.exploration, EpsilonGreedy)
+    assert home.exploration.params() == {"epsilon": 0.2, "pool": 40}
+    assert isinstance(home.shadow, Thompson)
+    assert home.shadow.params() == {"prior_ctr": 0.05, "prior_strength": 8.0, "samples": 100, "pool": 30}
+    assert isinstance(rules.placement("pdp").exploration, Greedy)
+    assert rules.placement("pdp").shadow is None
+
+
+@pytest.mark.parametrize(
+    "exploration",
+    ["{policy: ucb}", "{policy: epsilon_greedy, epsilon: -0.1}", "{policy: softmax, temperature: 0}"],
+)
+def test_unknown_policy_or_bad_parameter_is_an_error_naming_its_path(exploration):
+    text = f"placements:\n  home:\n    exploration: {exploration}\n"
+    with pytest.raises(RulesError, match=r"placements\.home\.exploration"):
+        parse_rules(text, Path("r.yaml"))

@@ -20,26 +20,46 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(redis_url, keys, shop_dir, trained, tmp_path):
-    load_shop(redis_url, keys, shop_dir)
+def _serve(redis_url: str, keys, registry: Path, data_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "NEXTBEST_KEY_PREFIX": keys.prefix,
-        "NEXTBEST_REGISTRY_DIR": str(trained.registry.root),
-        "NEXTBEST_DATA_DIR": str(tmp_path / "var"),
+        "NEXTBEST_REGISTRY_DIR": str(registry),
+        "NEXTBEST_DATA_DIR": str(data_dir),
         "NEXTBEST_LOG_LEVEL": "warning",
+        "NEXTBEST_REFRESH_INTERVAL_S": "0.2",
     }
     exe = Path(sys.executable).with_name("nextbest")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], env=env)
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", str(workers)], env=env)
     base = f"http://127.0.0.1:{port}"
     wait_until_ready(base, proc, timeout_s=60)
-    yield base
+    return proc, base
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(20)
+
+
+@pytest.fixture
+def server(redis_url, keys, shop_dir, trained, tmp_path):
+    load_shop(redis_url, keys, shop_dir)
+    proc, base = _serve(redis_url, keys, trained.registry.root, tmp_path / "var", workers=2)
+    yield base
+    _stop(proc)
     assert not list((tmp_path / "var").glob("prometheus-*")), "metrics files left behind"
+
+
+@pytest.fixture
+def two_servers(redis_url, keys, shop_dir, trained, tmp_path):
+    """Two separate API processes on different ports, sharing one Redis (as replicas behind a balancer)."""
+    load_shop(redis_url, keys, shop_dir)
+    started = [_serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1) for n in range(2)]
+    yield [base for _, base in started]
+    for proc, _ in started:
+        _stop(proc)
 
 
 def test_two_workers_answer_and_metrics_add_up_across_them(server):
@@ -78,3 +98,35 @@ def test_an_event_and_a_stock_out_reach_every_worker_on_the_next_request(server,
     for answer in _fresh_connection_posts(server, "/v1/recommendations", home, 12):
         ids = {i["item_id"] for i in answer["items"]}
         assert bought not in ids and sold_out not in ids
+
+
+def test_read_your_writes_and_feedback_hold_across_two_api_processes(two_servers, shop, rules):
+    a, b = two_servers
+    consenting = shop.customers[shop.customers["consent_personalization"]]["customer_id"]
+    customer = str(consenting.iloc[2])
+    home = {"customer_id": customer, "placement": "home", "limit": 20}
+    durable = set(shop.catalog[~shop.catalog["category"].isin(rules.categories.repurchase)]["item_id"])
+    first = httpx.post(f"{b}/v1/recommendations", json=home, timeout=5).json()
+    bought = next(i["item_id"] for i in first["items"] if i["item_id"] in durable)
+    event = {
+        "event_id": "rw-1",
+        "customer_id": customer,
+        "type": "purchase",
+        "item_id": bought,
+        "timestamp": 1793000000,
+    }
+    assert httpx.post(f"{a}/v1/events", json=event, timeout=5).status_code == 202  # written through A ...
+    after = httpx.post(f"{b}/v1/recommendations", json=home, timeout=5).json()  # ... read at once through B
+    assert bought not in {i["item_id"] for i in after["items"]}
+
+    # A decision made by B takes feedback through A, and a retry through B is recognised as a duplicate.
+    clicked = after["items"][0]["item_id"]
+    fb = {"decision_id": after["decision_id"], "action": clicked, "reward": "click"}
+    assert httpx.post(f"{a}/v1/feedback", json=fb, timeout=5).json()["status"] == "accepted"
+    assert httpx.post(f"{b}/v1/feedback", json=fb, timeout=5).json()["status"] == "duplicate"
+
+    # Consent withdrawn through B applies to A's very next decision.
+    withdraw = {"channels": {"personalization": False}, "source": "test"}
+    assert httpx.put(f"{b}/v1/customers/{customer}/consent", json=withdraw, timeout=5).status_code == 200
+    answer = httpx.post(f"{a}/v1/recommendations", json=home, timeout=5).json()
+    assert answer["fallback_reason"] == "no_personalization_consent"

@@ -118,7 +118,7 @@ def evaluate(
         prof = profiles.get(u)
         if prof is not None:
             prof = replace(prof, consents=prof.consents | {"personalization"})
-        d = recommend(state, Request(u, "home", limit), prof, now=float(split))
+        d = recommend(state, Request(u, "home", limit), prof, now=float(split), explore=False)
         served.append([it.item_id for it in d.items])
         counts = sorted(prof.purchases if prof else (), key=lambda p: (-p.count, -p.last_day))
         repeat.append([p.item_id for p in counts][:k])

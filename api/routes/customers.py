@@ -1,4 +1,4 @@
-"""PUT /v1/customers/{id}/consent: consent per channel, kept as evidence, applied to the next decision."""
+"""Customers: consent per channel (kept as evidence, applied to the next decision) and erasure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path
 
 from api.deps import get_runtime
 from api.runtime import Runtime
-from api.schemas import ID_PATTERN, ConsentState, ConsentUpdate, ValidationErrorBody
+from api.schemas import ID_PATTERN, ConsentState, ConsentUpdate, ErasureOut, ValidationErrorBody
 from engine.types import CONSENT_CHANNELS
 
 router = APIRouter(tags=["customers"])
@@ -38,3 +38,25 @@ async def put_consent(
     if held is None:
         raise HTTPException(status_code=503, detail="consent store unavailable; nothing changed, retry")
     return ConsentState(customer_id=customer_id, consents={c: c in held for c in CONSENT_CHANNELS})
+
+
+@router.delete(
+    "/v1/customers/{customer_id}",
+    response_model=ErasureOut,
+    responses={422: {"model": ValidationErrorBody}, 503: {"description": "store unavailable; nothing erased"}},
+    summary="Erase a customer: profile, consent evidence, event history, log pseudonym",
+)
+async def delete_customer(
+    customer_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+) -> ErasureOut:
+    erased = await runtime.erase(customer_id)
+    if erased is None:
+        raise HTTPException(status_code=503, detail="store unavailable; nothing erased, retry")
+    return ErasureOut(
+        customer_id=customer_id,
+        erased=erased,
+        decision_log="pseudonymised: entries carry only a random pseudonym, and its link to the customer was deleted"
+        if "pseudonym" in erased
+        else "no entries: the customer had no pseudonym",
+    )

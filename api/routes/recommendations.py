@@ -27,7 +27,13 @@ def _body(d: Decision) -> bytes:
             "placement": d.placement,
             "model_version": d.model_version,
             "items": [
-                {"item_id": i.item_id, "position": i.position, "score": i.score, "reasons": list(i.reasons)}
+                {
+                    "item_id": i.item_id,
+                    "position": i.position,
+                    "score": i.score,
+                    "propensity": i.propensity,
+                    "reasons": list(i.reasons),
+                }
                 for i in d.items
             ],
             "fallback": d.fallback,

@@ -1,0 +1,266 @@
+"""Exploration policies: pick the shown items from a ranked pool, slot by slot, and say how likely each pick was.
+
+Every policy reports slot-aware propensities (the probability of the item at slot j given the items in slots
+before it), which is what off-policy evaluation of slates needs. The only randomness is the caller's
+`numpy.random.Generator`, seeded per decision, so a logged decision replays exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+_PRIOR_FLOOR = 0.01  # the least prior click rate, as a share of the best candidate's
+_MIN_BETA_PARAMETER = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class Arms:
+    """Observed feedback per pool item (aligned with the pool): impressions and clicks."""
+
+    trials: FloatArray
+    successes: FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a policy chose, slot by slot, and the probability it had of choosing it."""
+
+    order: IntArray  # indices into the pool, one per slot
+    propensities: FloatArray  # P(order[j] at slot j | order[:j]); every value in (0, 1]
+    distributions: tuple[FloatArray, ...] = ()  # per slot, the distribution over the pool (when asked for)
+
+
+def choose(
+    spec: Exploration,
+    scores: FloatArray,
+    k: int,
+    rng: np.random.Generator,
+    arms: Arms | None = None,
+    keep_distributions: bool = False,
+) -> Selection:
+    """Pick min(k, len(scores)) pool items for slots 1..k with policy `spec`.
+
+    `scores` are the ranker's final scores of the pool, sorted descending; `arms` feeds Thompson sampling
+    (None: no feedback yet) and is ignored by the other policies. The closed-form policies are computed
+    for all slots at once (a decision has a budget of a millisecond, not a loop over numpy calls).
+    """
+    scores = _checked_scores(scores)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    k = min(k, len(scores))
+    if k == 0:
+        return Selection(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+    if isinstance(spec, Greedy):
+        sel = _greedy(scores, k)
+    elif isinstance(spec, EpsilonGreedy):
+        u = rng.random(2 * k)
+        sel = _epsilon_walk(spec.epsilon, scores, k, None, u)
+    elif isinstance(spec, Softmax):
+        logits = _logits(scores, spec.temperature)
+        order = np.argsort(-(logits + rng.gumbel(size=len(scores))), kind="stable")[:k].astype(np.int64)
+        sel = Selection(order, _plackett_luce(logits, order))
+    else:
+        return _thompson(spec, scores, k, rng, arms, keep_distributions)
+    if keep_distributions:
+        dists = _distributions(spec, scores, sel.order)
+        props = np.asarray([d[i] for d, i in zip(dists, sel.order.tolist(), strict=True)], dtype=np.float64)
+        sel = Selection(sel.order, props, dists)
+    return sel
+
+
+def evaluate(
+    spec: Exploration,
+    scores: FloatArray,
+    taken: IntArray,
+    rng: np.random.Generator,
+    arms: Arms | None = None,
+) -> FloatArray:
+    """Probability that policy `spec` would choose taken[j] at slot j given taken[:j] (may be 0).
+
+    Used for a shadow policy's propensities on what the live policy showed, and for target propensities
+    in off-policy evaluation. Thompson's probabilities are estimated from fresh draws of `rng`.
+    """
+    scores = _checked_scores(scores)
+    taken = np.asarray(taken, dtype=np.int64)
+    if taken.ndim != 1 or np.any((taken < 0) | (taken >= len(scores))) or len(np.unique(taken)) != len(taken):
+        raise ValueError(f"taken must be distinct indices into a pool of {len(scores)}, got {taken.tolist()}")
+    if len(taken) == 0:
+        return np.empty(0, dtype=np.float64)
+    if isinstance(spec, Greedy | EpsilonGreedy):
+        epsilon = spec.epsilon if isinstance(spec, EpsilonGreedy) else 0.0
+        return _epsilon_walk(epsilon, scores, len(taken), taken.tolist(), None).propensities
+    if isinstance(spec, Softmax):
+        return _plackett_luce(_logits(scores, spec.temperature), taken)
+    slots = _ThompsonSlots(spec, scores, rng, arms)
+    propensities = np.empty(len(taken), dtype=np.float64)
+    for j, item in enumerate(taken.tolist()):
+        propensities[j] = slots.distribution()[item]
+        slots.take(item)
+    return propensities
+
+
+def _checked_scores(scores: FloatArray) -> FloatArray:
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError("scores must be a 1-d array of finite numbers")
+    return values
+
+
+def _greedy(scores: FloatArray, k: int) -> Selection:
+    """Greedy without per-slot work: the stable descending sort is the ranker's order, ties to the lower index."""
+    order = np.argsort(-scores, kind="stable")[:k].astype(np.int64, copy=False)
+    return Selection(order, np.ones(k, dtype=np.float64))
+
+
+def _epsilon_walk(
+    epsilon: float, scores: FloatArray, k: int, given: list[int] | None, u: FloatArray | None
+) -> Selection:
+    """Epsilon-greedy slot by slot in plain Python integers (k and the pool are small).
+
+    Slot j: with probability epsilon a uniformly random remaining item, else the best remaining one, so
+    P(a) = epsilon/R + (1 - epsilon)·[a is the best remaining]. Choosing draws two uniforms per slot
+    from `u`; evaluating walks the `given` order instead.
+    """
+    by_score = np.argsort(-scores, kind="stable").tolist()
+    n = len(by_score)
+    alive = [True] * n
+    best_at = 0
+    order: list[int] = []
+    props: list[float] = []
+    for j in range(k):
+        while not alive[by_score[best_at]]:
+            best_at += 1
+        best, remaining = by_score[best_at], n - j
+        if given is not None:
+            item = given[j]
+        elif u is not None and u[2 * j] < epsilon:
+            pick = int(u[2 * j + 1] * remaining)  # the pick-th remaining item in pool order
+            item = next(i for i in range(n) if alive[i] and (pick := pick - 1) < 0)
+        else:
+            item = best
+        order.append(item)
+        props.append(epsilon / remaining + ((1.0 - epsilon) if item == best else 0.0))
+        alive[item] = False
+    return Selection(np.asarray(order, dtype=np.int64), np.asarray(props, dtype=np.float64))
+
+
+def _logits(scores: FloatArray, temperature: float) -> FloatArray:
+    return (scores - float(scores.max())) / temperature
+
+
+def _plackett_luce(logits: FloatArray, order: IntArray) -> FloatArray:
+    """Softmax without replacement: P(order[j] | order[:j]) = exp(l[a_j]) / Σ exp(l) over the remaining.
+
+    The remaining items at slot j are order[j:] plus everything never taken; their log-sum-exp is built
+    from a reverse running log-sum-exp, so no probability suffers cancellation or underflow to 0/0.
+    """
+    picked = logits[order]
+    rest_mask = np.ones(len(logits), dtype=np.bool_)
+    rest_mask[order] = False
+    tail = np.logaddexp.accumulate(picked[::-1])[::-1]  # log Σ exp(l) over order[j:]
+    if rest_mask.any():
+        rest = logits[rest_mask]
+        peak = float(rest.max())
+        tail = np.logaddexp(tail, peak + np.log(np.exp(rest - peak).sum()))
+    return np.exp(picked - tail)
+
+
+def _distributions(
+    spec: Greedy | EpsilonGreedy | Softmax, scores: FloatArray, order: IntArray
+) -> tuple[FloatArray, ...]:
+    """Each slot's full distribution over the pool (for tests and diagnostics; not on the request path)."""
+    alive = np.ones(len(scores), dtype=np.bool_)
+    out: list[FloatArray] = []
+    for item in order.tolist():
+        masked = np.where(alive, scores, -np.inf)
+        if isinstance(spec, Softmax):
+            logits = (masked - float(masked.max())) / spec.temperature
+            weights = np.exp(logits)
+            dist: FloatArray = weights / float(weights.sum())
+        else:
+            epsilon = spec.epsilon if isinstance(spec, EpsilonGreedy) else 0.0
+            dist = np.where(alive, epsilon / int(alive.sum()), 0.0)
+            dist[int(np.argmax(masked))] += 1.0 - epsilon
+        out.append(dist)
+        alive[item] = False
+    return tuple(out)
+
+
+def _thompson(
+    spec: Thompson, scores: FloatArray, k: int, rng: np.random.Generator, arms: Arms | None, keep: bool
+) -> Selection:
+    slots = _ThompsonSlots(spec, scores, rng, arms)
+    order = np.empty(k, dtype=np.int64)
+    propensities = np.empty(k, dtype=np.float64)
+    distributions: list[FloatArray] = []
+    for j in range(k):
+        dist = slots.distribution()
+        item = slots.pick(j)
+        order[j] = item
+        propensities[j] = dist[item]
+        if keep:
+            distributions.append(dist)
+        slots.take(item)
+    return Selection(order, propensities, tuple(distributions))
+
+
+class _ThompsonSlots:
+    """Beta-Bernoulli Thompson sampling, with each slot's probabilities estimated from M posterior draws.
+
+    One M×P matrix of draws serves the whole decision: slot j acts on row j mod M, and its distribution is
+    how often each remaining item wins a row. After a take, only the rows that item was winning change.
+    """
+
+    def __init__(self, spec: Thompson, scores: FloatArray, rng: np.random.Generator, arms: Arms | None) -> None:
+        alpha, beta = _posterior(spec, scores, arms)
+        self._theta = rng.beta(alpha, beta, size=(spec.samples, len(scores)))
+        self._winners = self._theta.argmax(axis=1)
+        self._size = len(scores)
+
+    def distribution(self) -> FloatArray:
+        counts = np.bincount(self._winners, minlength=self._size)
+        return counts / len(self._winners)
+
+    def pick(self, slot: int) -> int:
+        return int(self._winners[slot % len(self._winners)])
+
+    def take(self, item: int) -> None:
+        self._theta[:, item] = -np.inf
+        stale = (self._winners == item).nonzero()[0]
+        if len(stale):
+            self._winners[stale] = self._theta[stale].argmax(axis=1)
+
+
+def _posterior(spec: Thompson, scores: FloatArray, arms: Arms | None) -> tuple[FloatArray, FloatArray]:
+    """Beta parameters per item: the ranker's prior plus observed clicks and misses.
+
+    The prior is on the click-rate scale: the best-scored pool item is expected to be clicked at
+    `prior_ctr`, the others in proportion to their score (at least 1 % of it), with the weight of
+    `prior_strength` impressions. A click is then as informative as it is in reality, where rates are a
+    few percent. `prior_strength` 0 is the classic uniform Beta(1, 1) prior.
+    """
+    if spec.prior_strength == 0:
+        alpha, beta = np.ones(len(scores)), np.ones(len(scores))
+    else:
+        peak = float(scores.max()) if len(scores) else 0.0
+        share = np.clip(scores / peak, _PRIOR_FLOOR, 1.0) if peak > 0 else np.ones(len(scores))
+        mean = spec.prior_ctr * share
+        # Floored: Beta needs positive parameters, and a prior worth almost nothing is then just weak.
+        alpha = np.maximum(spec.prior_strength * mean, _MIN_BETA_PARAMETER)
+        beta = np.maximum(spec.prior_strength * (1.0 - mean), _MIN_BETA_PARAMETER)
+    if arms is not None:
+        trials = np.asarray(arms.trials, dtype=np.float64)
+        successes = np.asarray(arms.successes, dtype=np.float64)
+        if trials.shape != scores.shape or successes.shape != scores.shape:
+            raise ValueError(f"arms must align with the pool of {len(scores)} items")
+        alpha = alpha + np.maximum(successes, 0.0)
+        beta = beta + np.maximum(trials - successes, 0.0)
+    return alpha, beta
