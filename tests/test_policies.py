@@ -195,6 +195,18 @@ def test_thompson_probabilities_match_the_exact_posterior():
     )
 
 
+@pytest.mark.parametrize("k", [1, 5, 20, 30])
+def test_thompson_all_slots_at_once_matches_slot_by_slot(k):
+    scores = ranked(np.random.default_rng(4).random(25).tolist())
+    arms = Arms(np.full(25, 30.0), np.random.default_rng(5).integers(0, 5, 25).astype(np.float64))
+    spec = Thompson(samples=12)  # fewer draws than slots: rows are reused
+    for seed in range(10):
+        fast = choose(spec, scores, k, np.random.default_rng(seed), arms)
+        slow = choose(spec, scores, k, np.random.default_rng(seed), arms, keep_distributions=True)
+        np.testing.assert_array_equal(fast.order, slow.order)
+        np.testing.assert_allclose(fast.propensities, slow.propensities, rtol=1e-12)
+
+
 def test_thompson_converges_to_the_best_arm():
     true_ctr = np.array([0.02, 0.03, 0.05, 0.04, 0.08, 0.03, 0.06, 0.01])
     spec = Thompson(prior_strength=0, samples=10)
