@@ -7,6 +7,7 @@ a version that fails verification is refused and the previous one keeps serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import hashlib
@@ -90,6 +91,8 @@ class Runtime:
         # Bandit state per placement (impressions, successes), re-read from Redis on every refresh.
         self._arm_counts: dict[str, dict[str, tuple[float, float]]] = {}
         self.arms: dict[str, Arms] = {}
+        # Impressions counted since the last refresh, added to the shared state then (see add_impressions).
+        self._impressions: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -101,6 +104,7 @@ class Runtime:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._flush_impressions()
         await self.store.close()
         await self.background_store.close()
         await self.ingest_client.close()
@@ -138,6 +142,7 @@ class Runtime:
         """Re-read the bandit state every worker shares, and align it with the catalog in memory."""
         if not self.settings.exploration:
             return
+        await self._flush_impressions()
         try:
             for placement in self.bandit_placements():
                 self._arm_counts[placement] = await self.feedback_log.read_arms(placement)
@@ -145,6 +150,18 @@ class Runtime:
             metrics.REDIS_ERRORS.labels("arms").inc()
             log.warning("bandit state refresh failed, keeping the last one: %s", exc)
         self._align_arms()
+
+    async def _flush_impressions(self) -> None:
+        pending, self._impressions = self._impressions, collections.defaultdict(collections.Counter)
+        if not pending:
+            return
+        try:
+            await self.feedback_log.add_impressions(pending)
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("arms").inc()
+            log.warning("bandit impressions not saved yet, retrying next refresh: %s", exc)
+            for placement, items in pending.items():
+                self._impressions[placement].update(items)
 
     def _align_arms(self) -> None:
         catalog = self.catalog
@@ -235,19 +252,18 @@ class Runtime:
         log.warning("redis %s failed: %s", operation, exc)
 
     # ---- decisions -------------------------------------------------------------------------------
-    async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None, str | None]:
-        """The profile, the log pseudonym (and the catalog version) in one round trip, or the reason
-        they could not be had: (profile, pseudonym, fallback reason)."""
+    async def read_profile(self, customer_id: str) -> tuple[Profile | None, str | None]:
+        """The profile (and the catalog version) in one round trip, or the reason it could not be had."""
         if not self.breaker.allow():
-            return None, None, "redis_circuit_open"
+            return None, "redis_circuit_open"
         try:
-            profile, pseudonym, catalog_version = await self.store.read_for_decision(customer_id)
+            profile, catalog_version = await self.store.read_profile_and_catalog_version(customer_id)
         except StoreUnavailableError as exc:
             self._store_failed("profile", exc)
-            return None, None, "redis_unavailable"
+            return None, "redis_unavailable"
         except ProfileDecodeError as exc:
             log.error("%s", exc)
-            return None, None, "profile_unreadable"
+            return None, "profile_unreadable"
         if self.breaker.state != "closed":
             metrics.BREAKER_OPEN.set(0)
         self.breaker.record_success()
@@ -258,14 +274,14 @@ class Runtime:
             except (StoreUnavailableError, RespError, RespConnectionError, TimeoutError) as exc:
                 metrics.REDIS_ERRORS.labels("catalog").inc()
                 log.warning("catalog catch-up failed, deciding on version %s: %s", self._catalog_version, exc)
-        return profile, pseudonym, None
+        return profile, None
 
     async def recommend(self, req: Request) -> Decision:
         t0 = time.perf_counter()
         state = self.state
         if state is None:
             raise NotReadyError("no catalog loaded yet")
-        profile, pseudonym, reason = await self.read_profile(req.customer_id)
+        profile, reason = await self.read_profile(req.customer_id)
         state = self.state or state
         arms = self.arms if state.catalog is self.catalog else {}
         decision = recommend(state, req, profile, fallback_reason=reason, explore=self.settings.exploration, arms=arms)
@@ -274,7 +290,7 @@ class Runtime:
                 # Redis just failed us: a write would only add its timeout to an answer already degraded.
                 metrics.UNLOGGED.labels(req.placement, "redis_unavailable").inc()
             else:
-                await self._log_decision(decision, req, pseudonym)
+                await self._log_decision(decision, req, profile.pseudonym if profile else None)
         elapsed = time.perf_counter() - t0
         metrics.DECISION_LATENCY.labels(req.placement).observe(elapsed)
         metrics.DECISIONS.labels(req.placement).inc()
@@ -292,8 +308,11 @@ class Runtime:
             context=req.context,
             ts_ms=int(time.time() * 1000),
         )
+        track = req.placement in self.arms
+        if track:
+            self._impressions[req.placement].update(i.item_id for i in decision.items)
         try:
-            await self.decision_log.record(decision, entry, track_arms=req.placement in self.arms)
+            await self.decision_log.record(decision, entry, track_arms=track)
         except TimeoutError:
             # The commands were written on the connection, so Redis still runs them: only the reply was late.
             metrics.REDIS_ERRORS.labels("decision_log").inc()

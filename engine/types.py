@@ -32,6 +32,7 @@ class Profile:
     orders: int = 0
     spend: float = 0.0
     updated_at: int = 0  # unix seconds
+    pseudonym: str | None = None  # random id the decision log uses instead of the customer id
 
     def has_consent(self, channel: str) -> bool:
         return channel in self.consents

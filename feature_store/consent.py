@@ -14,7 +14,7 @@ from feature_store.resp import LeanRedis, Script
 MAX_EVIDENCE = 100  # consent changes kept per customer
 
 SET_CONSENT = Script(r"""
-local profile_key, evidence_key, pid_key = KEYS[1], KEYS[2], KEYS[3]
+local profile_key, evidence_key = KEYS[1], KEYS[2]
 local mask, values, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local raw = redis.call('GET', profile_key)
 local p = {}
@@ -22,10 +22,10 @@ if raw then p = cjson.decode(raw) end
 local bits = tonumber(p['cs'] or '0')
 bits = bit.bor(bit.band(bits, bit.bnot(mask)), bit.band(values, mask))
 p['cs'] = tostring(bits)
+if not p['ps'] then p['ps'] = ARGV[5] end
 redis.call('SET', profile_key, cjson.encode(p))
 redis.call('LPUSH', evidence_key, ARGV[4])
 redis.call('LTRIM', evidence_key, 0, cap - 1)
-redis.call('SET', pid_key, ARGV[5], 'NX')
 return bits
 """)
 
@@ -40,10 +40,9 @@ async def set_consent(
             mask |= 1 << i
             values |= (1 << i) if changes[channel] else 0
     command = (
-        3,
+        2,
         keys.profile(customer_id),
         keys.consent_evidence(customer_id),
-        keys.pseudonym(customer_id),
         mask,
         values,
         MAX_EVIDENCE,

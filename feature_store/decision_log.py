@@ -16,6 +16,7 @@ check, the idempotency mark and the appended reward happen together or not at al
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,18 +126,30 @@ class DecisionLog:
         return ("XADD", self.keys.log_stream, "MAXLEN", "~", self.max_entries, "*", ENTRY_FIELD, entry)
 
     async def record(self, decision: Decision, entry: bytes, *, track_arms: bool) -> None:
-        """Append one decision (one round trip). With `track_arms`, count an impression per shown item
-        in the placement's bandit state, shared by every worker."""
+        """Append one decision (one round trip). `track_arms` marks a placement whose bandit state
+        learns from feedback on this decision (its impressions are counted by `add_impressions`)."""
         shown = [i.item_id for i in decision.items]
         record = orjson.dumps({"p": decision.placement, "a": shown, "t": int(track_arms)})
+        await self.client.pipeline(
+            [
+                self._xadd(entry),
+                ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", self.window_s),
+            ]
+        )
+
+    async def add_impressions(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        """Add impressions per placement and item to the shared bandit state, in one round trip.
+
+        Workers count impressions in memory and add them here once per refresh: one HINCRBY per item
+        and second instead of one per item and decision keeps Redis's work flat as traffic grows.
+        """
         commands: list[tuple[Arg, ...]] = [
-            self._xadd(entry),
-            ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", self.window_s),
+            ("HINCRBY", self.keys.arms(placement), f"n:{item}", n)
+            for placement, items in counts.items()
+            for item, n in items.items()
         ]
-        if track_arms:
-            arms = self.keys.arms(decision.placement)
-            commands += [("HINCRBY", arms, f"n:{item}", 1) for item in shown]
-        await self.client.pipeline(commands)
+        if commands:
+            await self.client.pipeline(commands)
 
     async def feedback(self, decision_id: str, action: str, reward_type: str, reward: float) -> FeedbackResult:
         """Record a reward for a shown action; idempotent per (decision, action, reward type).

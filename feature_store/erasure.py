@@ -1,7 +1,7 @@
 """Erasure of one customer (right to be forgotten): every key under the customer's hash tag, at once.
 
 The decision log never holds the customer id, only a random pseudonym whose one link to the customer
-is the `pid` key deleted here; after erasure the log's entries (in Redis and in exported files) can no
+is a field of the profile deleted here; after erasure the log's entries (in Redis and in exported files) can no
 longer be tied to the person, i.e. they are irreversibly pseudonymised.
 """
 
@@ -12,7 +12,7 @@ from feature_store.resp import Arg, LeanRedis
 
 
 async def erase_customer(client: LeanRedis, keys: Keys, customer_id: str) -> list[str]:
-    """Delete the customer's keys in one transaction; returns what existed (e.g. ["profile", "pseudonym"])."""
+    """Delete the customer's keys in one transaction; returns what existed (e.g. ["profile", "event_dedupe"])."""
     named = keys.customer_keys(customer_id)
     commands: list[tuple[Arg, ...]] = [("MULTI",)]
     commands += [("EXISTS", key) for key in named.values()]

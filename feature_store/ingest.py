@@ -21,7 +21,7 @@ DEDUPE_WINDOW = 200  # event ids remembered per customer
 DEDUPE_TTL_S = 7 * SECONDS_PER_DAY
 
 APPLY_EVENTS = Script(r"""
-local profile_key, seen_key, pid_key = KEYS[1], KEYS[2], KEYS[3]
+local profile_key, seen_key = KEYS[1], KEYS[2]
 local max_views, max_cart, max_purchases = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, ttl, pid = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 
@@ -100,12 +100,12 @@ if changed then
   p['o'] = tostring(orders)
   p['m'] = string.format('%.2f', spend)
   p['u'] = string.format('%d', updated)
+  if not p['ps'] then p['ps'] = pid end
   for _, f in ipairs({'v', 'k', 'p'}) do if p[f] == '' then p[f] = nil end end
   redis.call('SET', profile_key, cjson.encode(p))
   local size = redis.call('ZCARD', seen_key)
   if size > window then redis.call('ZREMRANGEBYRANK', seen_key, 0, size - window - 1) end
   redis.call('EXPIRE', seen_key, ttl)
-  redis.call('SET', pid_key, pid, 'NX')
 end
 return status
 """)
@@ -135,7 +135,7 @@ class EventWriter:
         for e in events:
             args += [e.event_id, e.type, e.item_id, e.quantity, e.price, e.timestamp]
         k = self.keys
-        return (3, k.profile(customer_id), k.seen_events(customer_id), k.pseudonym(customer_id), *args)
+        return (2, k.profile(customer_id), k.seen_events(customer_id), *args)
 
     async def apply(self, events: Sequence[LiveEvent]) -> list[bool]:
         by_customer: dict[str, list[int]] = {}

@@ -9,7 +9,6 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{c:<id>}:profile``         | string | the live profile: a compact JSON object (fields below)   |
 | ``<p>:{c:<id>}:consent``         | list   | consent changes as evidence (newest first, last 100)      |
 | ``<p>:{c:<id>}:seen``            | zset   | ids of the customer's last 200 events (dedupe), 7-day TTL |
-| ``<p>:{c:<id>}:pid``             | string | random pseudonym used in the decision log (erasure deletes it) |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
 | ``<p>:{catalog}:changes``        | zset   | item_id → version of its last webhook change (capped)    |
@@ -25,7 +24,8 @@ A string rather than a hash: a hash with a value over 64 bytes leaves Redis's co
 encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
 newest first), ``k`` cart, ``p`` purchases
 (``item:count:first_day:last_day`` joined by ``;``, newest first), ``a`` category affinities
-(``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at.
+(``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at,
+``ps`` the random pseudonym the decision log knows the customer by (kept across bulk reloads).
 """
 
 from __future__ import annotations
@@ -49,16 +49,12 @@ class Keys:
     def seen_events(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:seen"
 
-    def pseudonym(self, customer_id: str) -> str:
-        return f"{self.prefix}:{{c:{customer_id}}}:pid"
-
     def customer_keys(self, customer_id: str) -> dict[str, str]:
         """Every key that holds data about one customer, by what it holds (erasure deletes them all)."""
         return {
             "profile": self.profile(customer_id),
             "consent_evidence": self.consent_evidence(customer_id),
             "event_dedupe": self.seen_events(customer_id),
-            "pseudonym": self.pseudonym(customer_id),
         }
 
     @property

@@ -34,6 +34,7 @@ def encode_profile(p: Profile) -> dict[str, str]:
         "o": str(p.orders),
         "m": f"{p.spend:.2f}",
         "u": str(p.updated_at),
+        "ps": p.pseudonym or "",
     }
     return {k: v for k, v in fields.items() if v != ""}
 
@@ -63,6 +64,7 @@ def decode_profile(customer_id: str, raw: Mapping[str, str]) -> Profile:
             orders=int(raw.get("o", "0")),
             spend=float(raw.get("m", "0")),
             updated_at=int(raw.get("u", "0")),
+            pseudonym=raw.get("ps") or None,
         )
     except ValueError as exc:
         raise ProfileDecodeError(f"profile of {customer_id!r} is malformed: {exc}") from exc

@@ -22,6 +22,19 @@ from feature_store.resp import LeanRedis, RespConnectionError, RespError
 
 BATCH = 2_000
 
+# Replace a profile but keep its pseudonym (or give it the new one): the new JSON object, written by
+# Python without "ps", gets the field appended before its closing brace.
+KEEP_PSEUDONYM = r"""
+local old = redis.call('GET', KEYS[1])
+local ps = (old and string.match(old, '"ps":"(%x+)"')) or ARGV[2]
+local doc = string.sub(ARGV[1], 1, -2) .. ',"ps":"' .. ps .. '"}'
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], doc, 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], doc)
+end
+"""
+
 
 class StoreUnavailableError(RuntimeError):
     """The store could not answer in time (down, slow, or the circuit breaker is open)."""
@@ -73,12 +86,14 @@ class RedisStore:
     ) -> int:
         """Replace each customer's profile; pipelined in batches (no transaction: each key stands alone)."""
         n = 0
+        self._keep_pseudonym = str(self.client.script_load(KEEP_PSEUDONYM))
         pipe = self.client.pipeline(transaction=False)
         for p in profiles:
             key = self.keys.profile(p.customer_id)
-            pipe.set(key, orjson.dumps(encode_profile(p)), ex=ttl_s)
+            fields = encode_profile(p)
+            fields.pop("ps", None)
             # A reload keeps a customer's pseudonym, so decision logs stay linkable across loads.
-            pipe.set(self.keys.pseudonym(p.customer_id), new_pseudonym(), nx=True)
+            pipe.evalsha(self._keep_pseudonym, 1, key, orjson.dumps(fields), new_pseudonym(), ttl_s or 0)
             n += 1
             if n % BATCH == 0:
                 pipe.execute()
@@ -145,17 +160,12 @@ class AsyncRedisStore:
         (raw,) = await self._run("profile read", ("GET", self.keys.profile(customer_id)))
         return _profile(customer_id, raw)
 
-    async def read_for_decision(self, customer_id: str) -> tuple[Profile | None, str | None, int | None]:
-        """The request's single round trip: the profile, the customer's log pseudonym, and the catalog
-        version to check freshness."""
-        k = self.keys
-        raw, pid, version = await self._run(
-            "profile read",
-            ("GET", k.profile(customer_id)),
-            ("GET", k.pseudonym(customer_id)),
-            ("GET", k.catalog_version),
+    async def read_profile_and_catalog_version(self, customer_id: str) -> tuple[Profile | None, int | None]:
+        """The request's single round trip: the profile, and the catalog version to check freshness."""
+        raw, version = await self._run(
+            "profile read", ("GET", self.keys.profile(customer_id)), ("GET", self.keys.catalog_version)
         )
-        return _profile(customer_id, raw), _text(pid), (int(version) if version is not None else None)
+        return _profile(customer_id, raw), (int(version) if version is not None else None)
 
     async def catalog_version(self) -> str | None:
         (v,) = await self._run("catalog version read", ("GET", self.keys.catalog_version))

@@ -1,5 +1,7 @@
 """Profiles and catalog in a real Redis."""
 
+from dataclasses import replace
+
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,14 +50,20 @@ def test_profiles_and_catalog_round_trip_through_redis(redis_url, keys):
         "c9", recent_views=("i1", "i2"), purchases=(PurchaseSummary("i3", 2, 20000, 20010),), orders=2, spend=10.5
     )
     assert store.write_profiles([p]) == 1
-    assert store.read_profile("c9") == p
+    back = store.read_profile("c9")
+    assert back is not None and back.pseudonym is not None and len(back.pseudonym) == 16
+    assert replace(back, pseudonym=None) == p
     assert store.read_profile("unknown") is None
+    # A reload replaces the profile but keeps the pseudonym the decision log knows the customer by.
+    store.write_profiles([replace(p, orders=3)])
+    again = store.read_profile("c9")
+    assert again is not None and again.orders == 3 and again.pseudonym == back.pseudonym
     items = [CatalogItem("i1", "A", "x", 1.0, 0.5, 3), CatalogItem("i2", "B", "y", 2.0, 1.0, 0, active=False)]
     v1 = store.write_catalog(items)
     v2 = store.write_catalog(items[:1])
     assert v2 == v1 + 1
-    version, back = store.read_catalog()
-    assert version == str(v2) and back == items[:1]
+    version, stored = store.read_catalog()
+    assert version == str(v2) and stored == items[:1]
 
 
 def test_a_profile_is_a_few_hundred_bytes(redis_url, keys):

@@ -44,7 +44,7 @@ async def put_consent(
     "/v1/customers/{customer_id}",
     response_model=ErasureOut,
     responses={422: {"model": ValidationErrorBody}, 503: {"description": "store unavailable; nothing erased"}},
-    summary="Erase a customer: profile, consent evidence, event history, log pseudonym",
+    summary="Erase a customer: profile (with the log pseudonym), consent evidence, event history",
 )
 async def delete_customer(
     customer_id: Annotated[str, Path(pattern=ID_PATTERN)],
@@ -57,6 +57,6 @@ async def delete_customer(
         customer_id=customer_id,
         erased=erased,
         decision_log="pseudonymised: entries carry only a random pseudonym, and its link to the customer was deleted"
-        if "pseudonym" in erased
-        else "no entries: the customer had no pseudonym",
+        if "profile" in erased
+        else "no entries: the customer had no profile",
     )
