@@ -522,6 +522,34 @@ async def run_open_loop(
     )
 
 
+def run_side_by_side(
+    targets: Sequence[tuple[str, int]],
+    requests: Sequence[Request | tuple[str, str, bytes]],
+    rate: float,
+    duration_s: float,
+    *,
+    warmup_s: float = 1.0,
+    timeout_s: float = 2.0,
+) -> list[LoadResult]:
+    """Open loops against several servers at once, `rate` each, on one event loop.
+
+    For A/B comparisons on a shared machine: whatever slows the machine down during the window slows
+    every target alike, so the difference between them is the difference between the servers.
+    """
+    for host, _ in targets:
+        check_loopback(host)
+
+    async def together() -> list[LoadResult]:
+        runs = [
+            run_open_loop(host, port, requests, rate, duration_s, timeout_s=timeout_s, warmup_s=warmup_s)
+            for host, port in targets
+        ]
+        return list(await asyncio.gather(*runs))
+
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(together())
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     # uvloop costs 10-30% less CPU per request than asyncio here; fall back to asyncio where it is missing.
     try:

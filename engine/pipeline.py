@@ -6,6 +6,7 @@ evaluation runs the exact pipeline the API serves.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,9 +192,15 @@ def recommend(
         fallback=reason is not None,
         fallback_reason=reason,
         policy=spec.policy,
-        policy_params=tuple(spec.params().items()),
+        policy_params=_params(spec),
         shadow=shadow,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _params(spec: Exploration) -> tuple[tuple[str, float], ...]:
+    """A policy's parameters for the log (specs are frozen, so computed once per spec)."""
+    return tuple(spec.params().items())
 
 
 def _pool_arms(arms: Mapping[str, policies.Arms] | None, placement: str, pool: IntArray) -> policies.Arms | None:
@@ -219,7 +226,7 @@ def _shadow(
     ids = state.catalog.item_ids
     return ShadowDecision(
         policy=spec.policy,
-        params=tuple(spec.params().items()),
+        params=_params(spec),
         items=tuple((ids[i], p) for i, p in zip(pool[own.order].tolist(), own.propensities.tolist(), strict=True)),
         target_propensities=tuple(targets.tolist()),
     )
