@@ -52,8 +52,8 @@ def _show(
     return data
 
 
-def _arm(client: Any, key: str, item: str) -> tuple[int, int]:
-    n, s = client.hmget(key, f"n:{item}", f"s:{item}")
+def _arm(client: Any, keys: Any, item: str) -> tuple[int, int]:
+    n, s = client.hget(keys.arm_impressions("home"), item), client.hget(keys.arm_successes("home"), item)
     return int(n or 0), int(s or 0)
 
 
@@ -66,7 +66,7 @@ def _show_click_effect(
     from feature_store.keys import Keys
 
     settings = get_settings()
-    arms_key = Keys(settings.key_prefix).arms("home")
+    arms_key = Keys(settings.key_prefix)
     store = redis.Redis.from_url(url)
     home = {"customer_id": customer, "placement": "home", "limit": 6}
     first = _show(console, base, home, titles)
@@ -82,7 +82,7 @@ def _show_click_effect(
         f"  [dim]curl -s -X POST {base}/v1/feedback -H 'content-type: application/json' "
         f"-d '{orjson.dumps(feedback).decode()}'[/dim]"
     )
-    time.sleep(settings.refresh_interval_s + 0.5)  # every worker re-reads the bandit state each interval
+    time.sleep(settings.arms_refresh_s + 0.5)  # every worker re-reads the bandit state each interval
     after = _arm(store, arms_key, clicked["item_id"])
     console.print(
         f"  the home placement's Thompson sampling state for {clicked['item_id']}: clicks/impressions "

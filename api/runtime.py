@@ -30,7 +30,7 @@ from engine.types import Decision, Profile
 from feature_store.breaker import CircuitBreaker
 from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
 from feature_store.consent import set_consent
-from feature_store.decision_log import DecisionLog, FeedbackResult, decision_entry
+from feature_store.decision_log import DecisionLog, FeedbackResult, arms_arrays, decision_entry
 from feature_store.erasure import erase_customer
 from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
@@ -89,7 +89,9 @@ class Runtime:
             feedback_window_s=settings.feedback_window_s,
         )
         # Bandit state per placement (impressions, successes), re-read from Redis on every refresh.
-        self._arm_counts: dict[str, dict[str, tuple[float, float]]] = {}
+        self._arm_counts: dict[str, tuple[list[bytes], list[bytes]]] = {}
+        self._arms_read_at = 0.0
+        self._item_index: tuple[CatalogState | None, dict[bytes, int]] = (None, {})
         self.arms: dict[str, Arms] = {}
         # Impressions counted since the last refresh, added to the shared state then (see add_impressions).
         self._impressions: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -139,10 +141,17 @@ class Runtime:
         ]
 
     async def refresh_arms(self) -> None:
-        """Re-read the bandit state every worker shares, and align it with the catalog in memory."""
+        """Add this worker's impressions to the shared bandit state, and re-read it when due.
+
+        Reading a placement's whole state (an entry per item) is the expensive half, for Redis and for
+        the event loop, so it happens every `arms_refresh_s` rather than on every refresh.
+        """
         if not self.settings.exploration:
             return
         await self._flush_impressions()
+        if time.monotonic() - self._arms_read_at < self.settings.arms_refresh_s:
+            return
+        self._arms_read_at = time.monotonic()
         try:
             for placement in self.bandit_placements():
                 self._arm_counts[placement] = await self.feedback_log.read_arms(placement)
@@ -167,17 +176,14 @@ class Runtime:
         catalog = self.catalog
         if catalog is None:
             return
+        if self._item_index[0] is not catalog:
+            self._item_index = (catalog, {item.encode(): i for i, item in enumerate(catalog.item_ids)})
+        index = self._item_index[1]
         arms: dict[str, Arms] = {}
-        for placement, counts in self._arm_counts.items():
-            trials = np.zeros(len(catalog), dtype=np.float64)
-            successes = np.zeros(len(catalog), dtype=np.float64)
-            if counts:
-                items = list(counts)
-                idx = catalog.indices(items)
-                known = [i for i, item in enumerate(items) if item in catalog.index]
-                values = np.asarray([counts[items[i]] for i in known], dtype=np.float64).reshape(-1, 2)
-                trials[idx], successes[idx] = values[:, 0], np.minimum(values[:, 1], values[:, 0])
-            arms[placement] = Arms(trials, successes)
+        for placement, (impressions, successes) in self._arm_counts.items():
+            trials = arms_arrays(impressions, index, len(catalog))
+            wins = np.minimum(arms_arrays(successes, index, len(catalog)), trials)
+            arms[placement] = Arms(trials, wins)
         self.arms = arms
 
     def _refresh_model(self) -> bool:

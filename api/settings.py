@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
     refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")
     log_level: str = "info"
+    arms_refresh_s: float = Field(
+        5.0, gt=0, le=3600, description="how often workers re-read the bandit state (impressions, successes)"
+    )
     decision_log: bool = Field(True, description="append every decision to the decision log stream")
     exploration: bool = Field(True, description="use each placement's exploration policy (off: greedy everywhere)")
     feedback_window_s: int = Field(

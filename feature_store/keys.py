@@ -18,7 +18,8 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{log}:d:<decision_id>``    | string | shown actions of a decision, for joining feedback (TTL)  |
 | ``<p>:{log}:f:<decision_id>``    | set    | feedback already recorded for a decision (idempotency)   |
 | ``<p>:{log}:export``             | string | the export in progress: file and stream ids (recovery)   |
-| ``<p>:{policy:<placement>}:arms``| hash   | ``n:<item>`` impressions, ``s:<item>`` successes (bandits)|
+| ``<p>:{policy:<placement>}:n``   | hash   | item_id → impressions (bandit arms of the placement)     |
+| ``<p>:{policy:<placement>}:s``   | hash   | item_id → successes (first positive feedback per decision) |
 
 A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
 encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
@@ -71,8 +72,11 @@ class Keys:
     def log_export(self) -> str:
         return f"{self.prefix}:{{log}}:export"
 
-    def arms(self, placement: str) -> str:
-        return f"{self.prefix}:{{policy:{placement}}}:arms"
+    def arm_impressions(self, placement: str) -> str:
+        return f"{self.prefix}:{{policy:{placement}}}:n"
+
+    def arm_successes(self, placement: str) -> str:
+        return f"{self.prefix}:{{policy:{placement}}}:s"
 
     @property
     def catalog_items(self) -> str:

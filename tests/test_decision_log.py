@@ -33,7 +33,11 @@ def client(redis_url, keys, shop_dir, registry_root) -> Iterator[TestClient]:
     # A generous Redis budget: on a busy test machine a 20 ms read could time out, and a decision answered
     # without Redis is (by design) not logged; these tests are about what is logged, not about speed.
     settings = Settings(
-        registry_dir=registry_root, key_prefix=keys.prefix, refresh_interval_s=0.1, redis_timeout_ms=2000
+        registry_dir=registry_root,
+        key_prefix=keys.prefix,
+        refresh_interval_s=0.1,
+        arms_refresh_s=0.1,
+        redis_timeout_ms=2000,
     )
     with TestClient(create_app(settings, redis_url=redis_url)) as c:
         yield c
@@ -117,12 +121,12 @@ def test_feedback_joins_its_decision_once_and_unknown_ones_are_refused(client, r
         (did, item, "click", 1.0),
         (did, item, "purchase", 42.0),
     ]
-    assert int(r.hget(keys.arms("home"), f"s:{item}")) == 1
+    assert int(r.hget(keys.arm_successes("home"), item)) == 1
     # Impressions are counted in memory and added to the shared state at each refresh (0.1 s here).
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not r.hget(keys.arms("home"), f"n:{item}"):
+    while time.monotonic() < deadline and not r.hget(keys.arm_impressions("home"), item):
         time.sleep(0.05)
-    assert int(r.hget(keys.arms("home"), f"n:{item}") or 0) >= 1
+    assert int(r.hget(keys.arm_impressions("home"), item) or 0) >= 1
 
     unknown = client.post("/v1/feedback", json={**click, "decision_id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "decision_id"]
