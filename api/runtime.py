@@ -13,7 +13,9 @@ import gc
 import hashlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +97,7 @@ class Runtime:
         self.arms: dict[str, Arms] = {}
         # Impressions counted since the last refresh, added to the shared state then (see add_impressions).
         self._impressions: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._log_writes: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,6 +109,7 @@ class Runtime:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await asyncio.gather(*self._log_writes, return_exceptions=True)  # replies of decisions already logged
         await self._flush_impressions()
         await self.store.close()
         await self.background_store.close()
@@ -305,7 +309,7 @@ class Runtime:
         return decision
 
     async def _log_decision(self, decision: Decision, req: Request, pseudonym: str | None) -> None:
-        """Append the decision to the log before answering, so feedback on it can never arrive first."""
+        """Put the decision on the log's connection before answering, so feedback on it cannot overtake it."""
         entry = decision_entry(
             decision,
             pseudonym=pseudonym,
@@ -318,14 +322,28 @@ class Runtime:
         if track:
             self._impressions[req.placement].update(i.item_id for i in decision.items)
         try:
-            await self.decision_log.record(decision, entry, track_arms=track)
+            replies = await self.decision_log.record(decision, entry, track_arms=track)
+        except (RespError, RespConnectionError, OSError) as exc:
+            self._log_write_failed(decision, exc)
+            return
+        # Written before the answer goes out; the replies are checked off the request path.
+        task = asyncio.create_task(self._check_log_write(decision, replies))
+        self._log_writes.add(task)
+        task.add_done_callback(self._log_writes.discard)
+
+    async def _check_log_write(self, decision: Decision, replies: Coroutine[Any, Any, list[Any]]) -> None:
+        try:
+            await replies
         except TimeoutError:
-            # The commands were written on the connection, so Redis still runs them: only the reply was late.
+            # The commands were on the connection, so Redis still runs them: only the reply was late.
             metrics.REDIS_ERRORS.labels("decision_log").inc()
         except (RespError, RespConnectionError, OSError) as exc:
-            metrics.REDIS_ERRORS.labels("decision_log").inc()
-            metrics.UNLOGGED.labels(req.placement, "write_failed").inc()
-            log.warning("decision %s not logged: %s", decision.decision_id, exc)
+            self._log_write_failed(decision, exc)
+
+    def _log_write_failed(self, decision: Decision, exc: Exception) -> None:
+        metrics.REDIS_ERRORS.labels("decision_log").inc()
+        metrics.UNLOGGED.labels(decision.placement, "write_failed").inc()
+        log.warning("decision %s not logged: %s", decision.decision_id, exc)
 
     async def feedback(self, decision_id: str, action: str, reward_type: str, reward: float) -> FeedbackResult | None:
         """Record a reward for a logged decision; None if Redis failed (nothing was recorded)."""

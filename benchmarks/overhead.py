@@ -210,7 +210,7 @@ def run_overhead_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
             ]
             for label, t in engine.items()
         ],
-        note="thompson: 100 posterior draws × a pool of 20, probabilities per slot by Monte Carlo; the shadow "
+        note="thompson: 64 posterior draws × a pool of 20, probabilities per slot by Monte Carlo; the shadow "
         "softmax is evaluated on the same pool.",
     )
     report.print(console)

@@ -16,7 +16,7 @@ check, the idempotency mark and the appended reward happen together or not at al
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,12 +127,17 @@ class DecisionLog:
         # Approximate trimming is a safety net for a log nobody exports; export keeps it far below.
         return ("XADD", self.keys.log_stream, "MAXLEN", "~", self.max_entries, "*", ENTRY_FIELD, entry)
 
-    async def record(self, decision: Decision, entry: bytes, *, track_arms: bool) -> None:
-        """Append one decision (one round trip). `track_arms` marks a placement whose bandit state
-        learns from feedback on this decision (its impressions are counted by `add_impressions`)."""
+    async def record(self, decision: Decision, entry: bytes, *, track_arms: bool) -> Coroutine[Any, Any, list[Any]]:
+        """Write one decision to the log now; returns the awaitable of Redis's replies.
+
+        The caller may answer before the replies arrive: the commands are already on the connection, so
+        Redis appends the decision before anything sent later (feedback on it included). `track_arms`
+        marks a placement whose bandit state learns from feedback on this decision (its impressions are
+        counted by `add_impressions`).
+        """
         shown = [i.item_id for i in decision.items]
         record = orjson.dumps({"p": decision.placement, "a": shown, "t": int(track_arms)})
-        await self.client.pipeline(
+        return await self.client.pipeline_written(
             [
                 self._xadd(entry),
                 ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", self.window_s),

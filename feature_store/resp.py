@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -147,7 +147,7 @@ class LeanRedis:
             await self._send(proto, setup)
         return proto
 
-    async def _send(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    def _write(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[asyncio.Future[Any]]:
         if len(proto.pending) + len(commands) > self.max_pending:
             raise RespConnectionError(f"more than {self.max_pending} commands waiting on Redis")
         loop = asyncio.get_running_loop()
@@ -155,6 +155,12 @@ class LeanRedis:
         proto.pending.extend(futures)
         assert proto.transport is not None
         proto.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))  # type: ignore[arg-type]
+        return futures
+
+    async def _send(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        return await self._replies(self._write(proto, commands))
+
+    async def _replies(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return [await f for f in futures]
@@ -171,6 +177,15 @@ class LeanRedis:
         """Several commands in one write and one round trip; replies in order (RespError on an error reply)."""
         proto = await self._connection()
         return await self._send(proto, commands)
+
+    async def pipeline_written(self, commands: Sequence[Sequence[Arg]]) -> Coroutine[Any, Any, list[Any]]:
+        """Write the commands now and return an awaitable of their replies (same deadline as `pipeline`).
+
+        For writes whose reply need not hold up an answer: once this returns, the commands are on the
+        connection ahead of anything sent after them, and Redis runs them in that order.
+        """
+        proto = await self._connection()
+        return self._replies(self._write(proto, commands))
 
     async def run_script(self, script: Script, calls: Sequence[Sequence[Arg]]) -> list[Any]:
         """One EVALSHA per call (numkeys, keys…, args…), all in one round trip; loads the script on NOSCRIPT.

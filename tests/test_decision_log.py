@@ -88,7 +88,7 @@ def test_every_decision_is_logged_with_the_probability_of_each_shown_item(client
     policies = {logged[a["decision_id"]]["placement"]: logged[a["decision_id"]]["policy"] for a in answers}
     assert policies == {"home": "thompson", "pdp": "epsilon_greedy", "cart": "softmax"}
     home = logged[answers[0]["decision_id"]]
-    assert home["policy_params"]["samples"] == 100
+    assert home["policy_params"]["samples"] == 64
     # The shadow policy is logged beside the live one: its own list, and its probability for what was shown.
     shadow = home["shadow"]
     assert shadow["policy"] == "softmax" and len(shadow["actions"]) == len(home["actions"])
