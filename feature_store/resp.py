@@ -161,13 +161,23 @@ class LeanRedis:
         return await self._replies(self._write(proto, commands))
 
     async def _replies(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
+        results: list[Any] = []
+        first_error: Exception | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
-                return [await f for f in futures]
+                for f in futures:
+                    try:
+                        results.append(await f)
+                    except Exception as exc:  # kept: every reply's error is retrieved
+                        first_error = first_error or exc
+                        results.append(None)
         finally:
             for f in futures:
                 if not f.done():
                     f.cancel()
+        if first_error is not None:
+            raise first_error
+        return results
 
     async def execute(self, *args: Arg) -> Any:
         proto = await self._connection()
