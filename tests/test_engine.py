@@ -197,3 +197,18 @@ def test_decision_ids_are_unique_and_sort_by_time():
     assert len(set(ids)) == 200 and ids == sorted(ids)
     assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in ids)
     assert decision_seed(ids[0]) == decision_seed(ids[0]) != decision_seed(ids[1])
+
+
+def test_a_decision_replays_exactly_from_its_id_and_greedy_is_the_ranking(state, model):
+    req = Request(_known_customer(model), "home", 10)
+    profile = Profile(req.customer_id)
+    first = recommend(state, req, profile, decision_id="01KAQ3TV0X8B6D6M0R8N6C3Y7Z", now=1.8e9)
+    again = recommend(state, req, profile, decision_id="01KAQ3TV0X8B6D6M0R8N6C3Y7Z", now=1.8e9)
+    other = [recommend(state, req, profile, decision_id=f"01KAQ3TV0X8B6D6M0R8N6C3Y{c}Z", now=1.8e9) for c in "ABCD"]
+    assert first.items == again.items and first.shadow == again.shadow  # same id: same draws
+    assert any(o.items != first.items for o in other)  # home explores (Thompson sampling)
+    assert first.policy == "thompson" and all(0 < i.propensity <= 1 for i in first.items)
+    greedy = recommend(state, req, profile, decision_id="01KAQ3TV0X8B6D6M0R8N6C3Y7Z", now=1.8e9, explore=False)
+    assert greedy.policy == "greedy" and all(i.propensity == 1.0 for i in greedy.items) and greedy.shadow is None
+    scores = [i.score for i in greedy.items]
+    assert scores == sorted(scores, reverse=True) or any("fill" in i.reasons for i in greedy.items)
