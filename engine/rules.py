@@ -8,9 +8,21 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.offers_config import Offer, OfferSettings
+
 Source = Literal["als", "buy_again", "neighbours", "recent_neighbours", "bestsellers"]
 SOURCES: tuple[str, ...] = ("als", "buy_again", "neighbours", "recent_neighbours", "bestsellers")
 DEFAULT_RULES_FILE = Path(__file__).with_name("rules.default.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that leaves dates as text, so a bad date is a validation error naming its field."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 class RulesError(ValueError):
@@ -127,6 +139,8 @@ class Rules(_Strict):
     version: int = 1
     categories: Categories = Categories()
     placements: dict[str, Placement]
+    offers: dict[str, Offer] = Field(default_factory=dict)
+    offer_settings: OfferSettings = OfferSettings()
 
     @model_validator(mode="after")
     def _has_placements(self) -> Rules:
@@ -148,7 +162,7 @@ def _format_error(path: Path, err: ValidationError) -> str:
 
 def parse_rules(text: str, path: Path) -> Rules:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader without timestamps
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

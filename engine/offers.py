@@ -1,0 +1,131 @@
+"""Next-best-offer arbitration: hard filters first, then priority class, then expected value.
+
+priority = propensity × value × lever × context weight, where value is the offer's business value net
+of its cost. Eligibility, consent, kill switches and the date window are hard filters: an offer that
+fails one is never ranked, and the reason is kept for the explanation. Ranking puts every
+`transactional` offer before every `service` offer before every `marketing` one, and orders by
+priority inside a class. Caps and holdouts need the store and are applied by the caller around this
+pure function (see api/offers): a holdout customer gets the control answer, and capped offers are
+skipped in this order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from engine.catalog import CatalogState
+from engine.offers_config import CHANNEL_CONSENT, CLASS_RANK, Offer, OfferSettings
+from engine.types import Context
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    """What arbitration knows of the customer; `consents` is None for an unknown customer."""
+
+    customer_id: str
+    segment: str | None = None
+    country: str | None = None
+    consents: frozenset[str] | None = None
+    propensities: Mapping[str, float] = field(default_factory=dict)  # model name -> probability
+
+
+@dataclass(frozen=True, slots=True)
+class RankedOffer:
+    offer_id: str
+    priority_class: str
+    priority: float
+    propensity: float
+    value: float  # net of cost
+    lever: float
+    context_weight: float
+    propensity_source: str  # the model's name, or "default" when no model scored this customer
+
+
+def _context_kind(context: Context) -> str:
+    if context.cart:
+        return "cart"
+    return "item" if context.item_id else "none"
+
+
+def _refusal(
+    offer: Offer, settings: OfferSettings, customer: Customer, channel: str, today: dt.date, propensity: float
+) -> str | None:
+    """Why the offer cannot be shown, or None: every hard filter, in a fixed order."""
+    el = offer.eligibility
+    if not offer.enabled:
+        return "disabled (kill switch)"
+    if channel in settings.disabled_channels:
+        return f"channel {channel} disabled (kill switch)"
+    if channel not in offer.channels:
+        return f"not offered on {channel}"
+    if el.start and today < el.start:
+        return f"starts {el.start}"
+    if el.end and today > el.end:
+        return f"ended {el.end}"
+    if el.countries and customer.country not in el.countries:
+        return f"country {customer.country or 'unknown'} not eligible"
+    if el.segments and customer.segment not in el.segments:
+        return f"segment {customer.segment or 'unknown'} not eligible"
+    needed = [CHANNEL_CONSENT[channel]] if offer.priority_class == "marketing" else []
+    needed += [el.consent] if el.consent else []
+    for purpose in filter(None, needed):
+        if customer.consents is None or purpose not in customer.consents:
+            return f"no {purpose} consent"
+    if propensity < el.min_propensity:
+        return f"propensity {propensity:.3f} below {el.min_propensity:g}"
+    return None
+
+
+def _value(offer: Offer, catalog: CatalogState | None) -> float | None:
+    if offer.value.fixed is not None:
+        return offer.value.fixed - offer.cost
+    item = offer.value.margin_of
+    if catalog is None or item is None or item not in catalog.index:
+        return None
+    i = catalog.index[item]
+    return float(catalog.price[i] - catalog.cost[i]) - offer.cost
+
+
+def arbitrate(
+    offers: Mapping[str, Offer],
+    settings: OfferSettings,
+    customer: Customer,
+    channel: str,
+    context: Context,
+    *,
+    now: dt.datetime,
+    catalog: CatalogState | None = None,
+) -> tuple[list[RankedOffer], dict[str, str]]:
+    """Eligible offers in the order they should be shown, and the reason for every one left out."""
+    today = now.astimezone(dt.UTC).date()
+    kind = _context_kind(context)
+    ranked: list[RankedOffer] = []
+    refused: dict[str, str] = {}
+    for offer_id, offer in offers.items():
+        model = offer.propensity_model
+        scored = model in customer.propensities
+        propensity = customer.propensities[model] if scored else settings.default_propensity
+        reason = _refusal(offer, settings, customer, channel, today, propensity)
+        value = _value(offer, catalog)
+        if reason is None and value is None:
+            reason = f"value: item {offer.value.margin_of} not in the catalog"
+        if reason is not None or value is None:
+            refused[offer_id] = reason or "no value"
+            continue
+        weight = offer.context_weights.get(kind, 1.0)  # type: ignore[call-overload,unused-ignore]
+        ranked.append(
+            RankedOffer(
+                offer_id=offer_id,
+                priority_class=offer.priority_class,
+                priority=propensity * value * offer.lever * weight,
+                propensity=propensity,
+                value=value,
+                lever=offer.lever,
+                context_weight=weight,
+                propensity_source=model if scored else "default",
+            )
+        )
+    ranked.sort(key=lambda r: (CLASS_RANK[r.priority_class], -r.priority, r.offer_id))
+    return ranked, refused
