@@ -30,13 +30,18 @@ def _known_customer(model) -> str:
     return str(model.user_ids[len(model.user_ids) // 2])
 
 
+def decide(*args, **kw):  # type: ignore[no-untyped-def]
+    """The ranking itself, greedy: these tests are about candidates, filters and order, not exploration."""
+    return recommend(*args, **{"explore": False, **kw})
+
+
 def _ids(decision):
     return [i.item_id for i in decision.items]
 
 
 def test_known_customer_gets_personal_als_items(state, model):
     cid = _known_customer(model)
-    d = recommend(state, Request(cid, "home", 10), Profile(cid), now=NOW)
+    d = decide(state, Request(cid, "home", 10), Profile(cid), now=NOW)
     assert not d.fallback and len(d.items) == 10
     assert any("als" in i.reasons for i in d.items)
     assert [i.position for i in d.items] == list(range(1, 11))
@@ -44,13 +49,13 @@ def test_known_customer_gets_personal_als_items(state, model):
 
 
 def test_unknown_customer_is_never_empty_and_marked_fallback(state):
-    d = recommend(state, Request("nobody", "home", 10), None, now=NOW)
+    d = decide(state, Request("nobody", "home", 10), None, now=NOW)
     assert len(d.items) == 10 and d.fallback and d.fallback_reason == "unknown_customer"
 
 
 def test_unknown_customer_with_context_gets_context_category_bestsellers(state):
     item = state.catalog.item_ids[0]
-    d = recommend(state, Request("nobody", "pdp", 8, Context(item_id=item)), None, now=NOW)
+    d = decide(state, Request("nobody", "pdp", 8, Context(item_id=item)), None, now=NOW)
     cat = state.catalog.category[state.catalog.index[item]]
     shown_cats = [state.catalog.category[state.catalog.index[i]] for i in _ids(d)]
     assert len(d.items) == 8 and d.fallback
@@ -58,7 +63,7 @@ def test_unknown_customer_with_context_gets_context_category_bestsellers(state):
 
 
 def test_store_failure_falls_back_with_its_reason(state, model):
-    d = recommend(state, Request(_known_customer(model), "home", 6), None, fallback_reason="redis_unavailable", now=NOW)
+    d = decide(state, Request(_known_customer(model), "home", 6), None, fallback_reason="redis_unavailable", now=NOW)
     assert d.fallback_reason == "redis_unavailable" and len(d.items) == 6
 
 
@@ -73,7 +78,7 @@ def test_out_of_stock_and_inactive_items_never_appear(state, model):
     unavailable = {cat.item_ids[i] for i in np.flatnonzero((stock == 0) | ~active)}
     for cid in model.user_ids[:50]:
         for placement in ("home", "pdp", "cart"):
-            d = recommend(
+            d = decide(
                 s2, Request(str(cid), placement, 10, Context(item_id=cat.item_ids[3])), Profile(str(cid)), now=NOW
             )
             assert len(d.items) == 10
@@ -84,7 +89,7 @@ def test_context_items_and_duplicates_are_excluded(state, model):
     cid = _known_customer(model)
     ctx = Context(item_id=state.catalog.item_ids[5], cart=(state.catalog.item_ids[6], state.catalog.item_ids[7]))
     for placement in ("home", "pdp", "cart"):
-        d = recommend(state, Request(cid, placement, 20, ctx), Profile(cid), now=NOW)
+        d = decide(state, Request(cid, placement, 20, ctx), Profile(cid), now=NOW)
         ids = _ids(d)
         assert len(ids) == len(set(ids)) == 20
         assert not set(ctx.item_ids) & set(ids)
@@ -102,7 +107,7 @@ def test_bought_durable_items_are_not_recommended_again(state, model):
     durable = _item_in(state, repurchasable=False)
     profile = Profile(cid, purchases=(PurchaseSummary(durable, 1, TODAY - 20, TODAY - 20),), recent_views=(durable,))
     for placement in ("home", "pdp", "cart"):
-        d = recommend(state, Request(cid, placement, 30), profile, now=NOW)
+        d = decide(state, Request(cid, placement, 30), profile, now=NOW)
         assert durable not in _ids(d)
 
 
@@ -111,7 +116,7 @@ def test_consumables_due_for_repurchase_come_back_as_buy_again(state, model):
     consumable = _item_in(state, repurchasable=True)
     # Bought every ~10 days, last time 10 days ago: due now.
     profile = Profile(cid, purchases=(PurchaseSummary(consumable, 5, TODAY - 50, TODAY - 10),))
-    d = recommend(state, Request(cid, "home", 10), profile, now=NOW)
+    d = decide(state, Request(cid, "home", 10), profile, now=NOW)
     assert consumable in _ids(d)
     shown = next(i for i in d.items if i.item_id == consumable)
     assert "buy_again" in shown.reasons
@@ -130,14 +135,14 @@ def test_a_placement_allowing_repurchase_brings_back_durables(state, model, rule
     cid = _known_customer(model)
     durable = _item_in(state, repurchasable=False)
     profile = Profile(cid, purchases=(PurchaseSummary(durable, 4, TODAY - 40, TODAY - 10),))
-    d = recommend(s2, Request(cid, "home", 10), profile, now=NOW)
+    d = decide(s2, Request(cid, "home", 10), profile, now=NOW)
     assert durable in _ids(d)
 
 
 def test_at_most_n_items_per_category(state, model, rules):
     cap = rules.placements["home"].rerank.max_per_category
     for cid in model.user_ids[:30]:
-        d = recommend(state, Request(str(cid), "home", 10), Profile(str(cid)), now=NOW)
+        d = decide(state, Request(str(cid), "home", 10), Profile(str(cid)), now=NOW)
         cats = [state.catalog.category[state.catalog.index[i]] for i in _ids(d)]
         assert max(np.bincount(cats)) <= cap
 
@@ -145,7 +150,7 @@ def test_at_most_n_items_per_category(state, model, rules):
 def test_a_new_customer_with_views_gets_folded_in_personal_items(state, model):
     viewed = tuple(state.catalog.item_ids[i] for i in range(10, 14))
     profile = Profile("brand-new", recent_views=viewed)
-    d = recommend(state, Request("brand-new", "home", 10), profile, now=NOW)
+    d = decide(state, Request("brand-new", "home", 10), profile, now=NOW)
     assert not d.fallback
     assert any("als" in i.reasons for i in d.items)
 
@@ -153,14 +158,14 @@ def test_a_new_customer_with_views_gets_folded_in_personal_items(state, model):
 def test_no_personalisation_consent_means_nothing_personal(state, model):
     cid = _known_customer(model)
     profile = Profile(cid, consents=frozenset({"email"}))
-    d = recommend(state, Request(cid, "home", 10), profile, now=NOW)
+    d = decide(state, Request(cid, "home", 10), profile, now=NOW)
     assert d.fallback and d.fallback_reason == "no_personalization_consent"
     assert not any({"als", "buy_again", "similar_to_recent"} & set(i.reasons) for i in d.items)
 
 
 def test_without_a_model_bestsellers_by_catalog_popularity_still_fill_the_widget(state, rules):
     s2 = build_state(state.catalog, None, rules)
-    d = recommend(s2, Request("c1", "home", 10), Profile("c1"), now=NOW)
+    d = decide(s2, Request("c1", "home", 10), Profile("c1"), now=NOW)
     assert d.fallback_reason == "model_unavailable" and len(d.items) == 10
 
 
@@ -169,7 +174,7 @@ def test_limit_larger_than_available_items_returns_all_available(state, model):
     stock = np.zeros_like(cat.stock)
     stock[:7] = 3
     s2 = build_state(replace(cat, stock=stock), model, state.rules)
-    d = recommend(s2, Request(_known_customer(model), "home", 20), Profile("x"), now=NOW)
+    d = decide(s2, Request(_known_customer(model), "home", 20), Profile("x"), now=NOW)
     assert sorted(_ids(d)) == sorted(cat.item_ids[:7])
 
 
@@ -184,7 +189,7 @@ def test_strict_diversity_looks_past_the_head_of_the_ranking(state, model, rules
     )
     s2 = build_state(state.catalog, model, one_each)
     cid = _known_customer(model)
-    d = recommend(s2, Request(cid, "home", 10), Profile(cid), now=NOW)
+    d = decide(s2, Request(cid, "home", 10), Profile(cid), now=NOW)
     cats = [s2.catalog.category[s2.catalog.index[i]] for i in _ids(d)]
     assert len(cats) == 10
     assert len(set(cats)) == min(10, len(s2.catalog.categories))
