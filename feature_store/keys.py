@@ -9,6 +9,9 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{c:<id>}:profile``         | string | the live profile: a compact JSON object (fields below)   |
 | ``<p>:{c:<id>}:consent``         | list   | consent changes as evidence (newest first, last 100)      |
 | ``<p>:{c:<id>}:seen``            | zset   | ids of the customer's last 200 events (dedupe), 7-day TTL |
+| ``<p>:{c:<id>}:cap:<scope>``     | zset   | impressions in one cap scope, scored by ms; TTL its longest window |
+| ``<p>:{c:<id>}:capkeys``         | hash   | cap scope → its longest window (s); TTL the longest of them     |
+| ``<p>:{c:<id>}:ignored``         | hash   | offer_id → impressions since the last positive feedback, 30 d TTL |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
 | ``<p>:{catalog}:changes``        | zset   | item_id → version of its last webhook change (capped)    |
@@ -27,6 +30,11 @@ newest first), ``k`` cart, ``p`` purchases
 (``item:count:first_day:last_day`` joined by ``;``, newest first), ``a`` category affinities
 (``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at,
 ``ps`` the random pseudonym the decision log knows the customer by (kept across bulk reloads).
+
+Caps (``feature_store.caps``): a scope is free-form, e.g. ``offer:<id>``, ``class:<priority class>``,
+``channel:<channel>``; a cap key's members are ``<ms>:<nonce>:<offer_id>``, one per impression. The
+``capkeys`` hash lists the scopes in use, so trimming knows each scope's longest window and erasure
+finds the per-scope keys (``feature_store.caps.cap_keys``). ``ignored`` drives suppression.
 """
 
 from __future__ import annotations
@@ -50,12 +58,27 @@ class Keys:
     def seen_events(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:seen"
 
+    def caps(self, customer_id: str, scope: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:cap:{scope}"
+
+    def cap_scopes(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:capkeys"
+
+    def offer_ignored(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:ignored"
+
     def customer_keys(self, customer_id: str) -> dict[str, str]:
-        """Every key that holds data about one customer, by what it holds (erasure deletes them all)."""
+        """Every fixed-name key that holds data about one customer, by what it holds (erasure deletes them all).
+
+        The per-scope cap keys are not fixed names: ``feature_store.caps.cap_keys`` lists them from the
+        ``cap_scopes`` hash, which is why that hash is here.
+        """
         return {
             "profile": self.profile(customer_id),
             "consent_evidence": self.consent_evidence(customer_id),
             "event_dedupe": self.seen_events(customer_id),
+            "cap_scopes": self.cap_scopes(customer_id),
+            "offer_ignored": self.offer_ignored(customer_id),
         }
 
     @property

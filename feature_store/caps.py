@@ -1,0 +1,200 @@
+"""Frequency caps and suppression for one customer, checked and reserved in one atomic Lua script.
+
+A cap is "at most `limit` impressions within `window_s` seconds" in a scope (``offer:<id>``,
+``class:<priority class>``, ``channel:<channel>``, or any other name); a scope's impressions are a
+sorted set scored by milliseconds. Suppression stops an offer once it was shown `suppress_after` times
+without positive feedback. `reserve` walks the candidates, checks and records in one script run, so
+concurrent requests for one customer are serialised by Redis and can never overshoot a cap.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.types import SECONDS_PER_DAY
+from feature_store.keys import Keys
+from feature_store.resp import Arg, LeanRedis, Script
+
+SUPPRESSION_TTL_S = 30 * SECONDS_PER_DAY  # ignored counts lapse after this long without an impression
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    scope: str  # e.g. "offer:free_shipping", "class:marketing", "channel:email" (free-form, used in the key)
+    limit: int  # at most this many impressions ...
+    window_s: int  # ... within this many seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    offer_id: str
+    caps: tuple[Cap, ...]
+    suppress_after: int | None = None  # None: never suppressed
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    granted: tuple[str, ...]  # offer ids reserved, in candidate order
+    refused: dict[str, str]  # offer_id -> reason; candidates after the limit was reached are in neither
+
+
+# KEYS: scope index hash, ignored hash, then one cap key per scope (in ARGV's scope order).
+# ARGV: now_ms, limit, nonce, ignored TTL, scope count, per scope (name, longest window of this call),
+# then per candidate (offer, suppress_after or 0, cap count, per cap (scope number, limit, window_s)).
+RESERVE = Script(r"""
+local index_key, ignored_key = KEYS[1], KEYS[2]
+local now, limit, nonce, ignored_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local function since(window_s) return string.format('%d', now - window_s * 1000) end
+
+-- Trim each scope once, by the longest window any call has declared for it, so that a call knowing
+-- only a short cap never throws away what a longer cap of the same scope still has to count.
+local names, longest = {}, {}
+local a = 6
+for s = 1, tonumber(ARGV[5]) do
+  local window = tonumber(ARGV[a + 1])
+  local known = tonumber(redis.call('HGET', index_key, ARGV[a]) or '0')
+  if known > window then window = known end
+  names[s], longest[s] = ARGV[a], window
+  redis.call('ZREMRANGEBYSCORE', KEYS[2 + s], '-inf', since(window))
+  a = a + 2
+end
+
+local granted, refused, touched, is_touched = {}, {}, {}, {}
+while a <= #ARGV and #granted < limit do
+  local offer, suppress_after, first_cap = ARGV[a], tonumber(ARGV[a + 1]), a + 3
+  a = first_cap + 3 * tonumber(ARGV[a + 2])
+  local reason = nil
+  if suppress_after > 0 then
+    local ignored = tonumber(redis.call('HGET', ignored_key, offer) or '0')
+    if ignored >= suppress_after then reason = 'suppressed after ' .. ignored .. ' ignored' end
+  end
+  for c = first_cap, a - 1, 3 do
+    if reason then break end
+    local s = tonumber(ARGV[c])
+    if redis.call('ZCOUNT', KEYS[2 + s], '(' .. since(tonumber(ARGV[c + 2])), '+inf') >= tonumber(ARGV[c + 1]) then
+      reason = 'cap ' .. names[s] .. ' ' .. ARGV[c + 1] .. '/' .. ARGV[c + 2] .. 's'
+    end
+  end
+  if reason then
+    refused[#refused + 1] = offer
+    refused[#refused + 1] = reason
+  else
+    local member, here = ARGV[1] .. ':' .. nonce .. ':' .. offer, {}
+    for c = first_cap, a - 1, 3 do
+      local s = tonumber(ARGV[c])
+      if not here[s] then
+        here[s] = true
+        redis.call('ZADD', KEYS[2 + s], ARGV[1], member)
+        if not is_touched[s] then is_touched[s] = true; touched[#touched + 1] = s end
+      end
+    end
+    redis.call('HINCRBY', ignored_key, offer, 1)
+    granted[#granted + 1] = offer
+  end
+end
+
+if #granted > 0 then
+  for _, s in ipairs(touched) do
+    redis.call('HSET', index_key, names[s], longest[s])
+    redis.call('EXPIRE', KEYS[2 + s], longest[s])
+  end
+  -- The index outlives every cap key it lists, so erasure can always find them.
+  local ttl = 0
+  for _, w in ipairs(redis.call('HVALS', index_key)) do ttl = math.max(ttl, tonumber(w)) end
+  if ttl > 0 then redis.call('EXPIRE', index_key, ttl) end
+  redis.call('EXPIRE', ignored_key, ignored_ttl)
+end
+return {granted, refused}
+""")
+
+
+def _check_name(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+        raise ValueError(f"{what} must be non-empty without whitespace, got {value!r}")
+
+
+def _check_positive(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def _validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int) -> None:
+    _check_name(customer_id, "customer_id")
+    _check_positive(limit, "limit")
+    if isinstance(now_ms, bool) or not isinstance(now_ms, int) or now_ms < 0:
+        raise ValueError(f"now_ms must be an integer >= 0, got {now_ms!r}")
+    seen: set[str] = set()
+    for i, cand in enumerate(candidates):
+        _check_name(cand.offer_id, f"candidates[{i}].offer_id")
+        where = f"offer {cand.offer_id!r}"
+        if cand.offer_id in seen:
+            raise ValueError(f"{where}: offer_id appears more than once among the candidates")
+        seen.add(cand.offer_id)
+        if cand.suppress_after is not None:
+            _check_positive(cand.suppress_after, f"{where}: suppress_after")
+        for j, cap in enumerate(cand.caps):
+            _check_name(cap.scope, f"{where}: caps[{j}].scope")
+            _check_positive(cap.limit, f"{where}: caps[{j}].limit")
+            _check_positive(cap.window_s, f"{where}: caps[{j}].window_s")
+
+
+def _reserve_call(
+    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
+) -> tuple[Arg, ...]:
+    scope_no: dict[str, int] = {}  # scope -> its 1-based number in the script
+    longest: dict[str, int] = {}
+    for cand in candidates:
+        for cap in cand.caps:
+            scope_no.setdefault(cap.scope, len(scope_no) + 1)
+            longest[cap.scope] = max(longest.get(cap.scope, 0), cap.window_s)
+    args: list[Arg] = [now_ms, limit, secrets.token_hex(8), SUPPRESSION_TTL_S, len(scope_no)]
+    for scope in scope_no:
+        args += [scope, longest[scope]]
+    for cand in candidates:
+        args += [cand.offer_id, cand.suppress_after or 0, len(cand.caps)]
+        for cap in cand.caps:
+            args += [scope_no[cap.scope], cap.limit, cap.window_s]
+    cap_keys_ = [keys.caps(customer_id, scope) for scope in scope_no]
+    named = [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id), *cap_keys_]
+    return (len(named), *named, *args)
+
+
+async def reserve(
+    client: LeanRedis, keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
+) -> Reservation:
+    """Walk the candidates in order and reserve up to `limit` of them that pass every cap and suppression.
+
+    One script run (one round trip, one Cluster slot): a granted offer's impression is recorded in each
+    of its cap scopes and its ignored count goes up, before the next candidate is checked.
+    """
+    _validate(customer_id, candidates, limit, now_ms)
+    if not candidates:
+        return Reservation(granted=(), refused={})
+    (reply,) = await client.run_script(RESERVE, [_reserve_call(keys, customer_id, candidates, limit, now_ms)])
+    granted, refused = reply
+    flat = [x.decode() for x in refused]
+    refusals = dict(zip(flat[::2], flat[1::2], strict=True))
+    return Reservation(granted=tuple(x.decode() for x in granted), refused=refusals)
+
+
+async def record_positive_feedback(client: LeanRedis, keys: Keys, customer_id: str, offer_id: str) -> None:
+    """The customer responded to the offer: its ignored count starts again from zero (lifts suppression)."""
+    _check_name(customer_id, "customer_id")
+    _check_name(offer_id, "offer_id")
+    await client.execute("HDEL", keys.offer_ignored(customer_id), offer_id)
+
+
+async def cap_usage(client: LeanRedis, keys: Keys, customer_id: str, scope: str, window_s: int, now_ms: int) -> int:
+    """Impressions recorded in the scope within the last `window_s` seconds before `now_ms`."""
+    _check_name(customer_id, "customer_id")
+    _check_name(scope, "scope")
+    _check_positive(window_s, "window_s")
+    return int(await client.execute("ZCOUNT", keys.caps(customer_id, scope), f"({now_ms - window_s * 1000}", "+inf"))
+
+
+async def cap_keys(client: LeanRedis, keys: Keys, customer_id: str) -> list[str]:
+    """The customer's cap keys, for erasure (which deletes them along with `Keys.customer_keys`)."""
+    scopes = await client.execute("HKEYS", keys.cap_scopes(customer_id))
+    return [keys.caps(customer_id, scope.decode()) for scope in scopes]
