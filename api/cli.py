@@ -104,8 +104,9 @@ def train(
     test_days: int = 14,
     evaluate: Annotated[bool, typer.Option(help="evaluate on a time split first")] = True,
     activate: Annotated[bool, typer.Option(help="make the new version live")] = True,
+    propensity: Annotated[bool, typer.Option(help="train the propensity and value models too")] = True,
 ) -> None:
-    """Train ALS + neighbours + bestsellers, evaluate, and publish a version to the registry."""
+    """Train ALS + neighbours + bestsellers (+ propensity models), evaluate, and publish a version to the registry."""
     from engine.registry import Registry
     from engine.rules import RulesError, load_rules
     from training.als import AlsParams
@@ -119,6 +120,7 @@ def train(
         als=AlsParams(factors=factors, iterations=iterations, regularization=regularization, alpha=alpha),
         evaluation=EvalParams(test_days=test_days),
         evaluate=evaluate,
+        propensity=propensity,
     )
     try:
         rules = load_rules(settings.rules_file)
@@ -153,31 +155,50 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         for n in names:
             table.add_row(n, *(f"{models[n][c]:.4f}" for c in cols))
         console.print(table)
+    prop = metrics.get("propensity")
+    if isinstance(prop, dict) and "skipped" in prop:
+        console.print(f"propensity models skipped: {prop['skipped']}")
+    elif isinstance(prop, dict):
+        dates = ", ".join(prop.get("as_of", []))
+        table = Table(title=f"propensity ({prop.get('examples')} examples as of {dates}; {prop.get('seconds')} s)")
+        for col in ("model", "measure", "validation", "baseline"):
+            table.add_column(col, justify="left" if col in ("model", "measure") else "right")
+        for name, m in prop.get("models", {}).items():
+            key = "auc" if m["kind"] == "binary" else "spearman"
+            base = list(m["baselines"].values())[-1].get(key)  # the recency table / past spend baseline
+            table.add_row(name, key, _fmt(m["model"][key]), _fmt(base))
+        console.print(table)
     console.print(f"fit: {metrics.get('fit_seconds')} s, whole job: {metrics.get('train_seconds')} s")
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
 @app.command()
 def load(
     data: Annotated[Path, typer.Option(help="folder with catalog, customers, events")] = Path("var/shop"),
 ) -> None:
-    """Materialise customer profiles and the catalog into Redis (bumps the catalog version)."""
+    """Write customer profiles (with segment and features) and the catalog to Redis (bumps the catalog version)."""
     from feature_store.keys import Keys
     from feature_store.store import RedisStore
     from training.datafiles import DataError, read_shop
     from training.load import catalog_items
-    from training.profiles import build_profiles
+    from training.profiles import profiles_for_load
 
     settings = get_settings()
     try:
         with console.status("reading and validating data"):
             shop = read_shop(data)
+        with console.status("computing customer features and segments"):
+            profiles = profiles_for_load(shop, data)
     except DataError as exc:
         raise _fail(str(exc)) from exc
     with redis_url(settings) as url:
         store = RedisStore(url, Keys(settings.key_prefix))
         with progress_bar() as bar:
             task = bar.add_task("profiles", total=len(shop.customers))
-            n = store.write_profiles(build_profiles(shop), progress=lambda k: bar.advance(task, k))
+            n = store.write_profiles(profiles, progress=lambda k: bar.advance(task, k))
         version = store.write_catalog(catalog_items(shop))
         store.record_load(data=str(data), profiles=str(n), catalog_version=str(version))
         mem = store.client.info("memory")["used_memory_human"]

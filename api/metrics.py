@@ -27,6 +27,7 @@ UNLOGGED = Counter(
 )
 FEEDBACK = Counter("nextbest_feedback_total", "Feedback received by POST /v1/feedback", ["result"])
 EVENTS = Counter("nextbest_events_total", "Events received by POST /v1/events", ["result"])
+RULES_LOADS = Counter("nextbest_rules_loads_total", "Rules file reloads", ["result"])
 MODEL_LOADS = Counter("nextbest_model_loads_total", "Model version loads", ["result"])
 MODEL_INFO = Gauge("nextbest_model_info", "1 for the model version being served", ["version"], multiprocess_mode="max")
 CATALOG_ITEMS = Gauge("nextbest_catalog_items", "Items in the in-memory catalog", multiprocess_mode="max")

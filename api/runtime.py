@@ -26,9 +26,9 @@ from engine.pipeline import Request, recommend
 from engine.policies import Arms
 from engine.recmodel import RecModel, load_rec_model
 from engine.registry import ArtifactError, Registry
-from engine.rules import DEFAULT_RULES_FILE, Rules, load_rules
+from engine.rules import DEFAULT_RULES_FILE, Rules, RulesError, load_rules, parse_rules
 from engine.state import ServingState, build_state
-from engine.types import Decision, Profile
+from engine.types import Context, Decision, Profile
 from feature_store.breaker import CircuitBreaker
 from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
 from feature_store.consent import set_consent
@@ -50,15 +50,16 @@ class RefreshStatus:
     refused_version: str | None = None
     catalog_version: str | None = None
     catalog_source: str = "none"  # redis | model_snapshot | none
+    rules_error: str | None = None  # why the rules file on disk is not the one being served
     last_refresh: float = 0.0
 
 
 class Runtime:
     def __init__(self, settings: Settings, redis_url: str) -> None:
         self.settings = settings
-        self.rules: Rules = load_rules(settings.rules_file)
-        rules_text = (settings.rules_file or DEFAULT_RULES_FILE).read_bytes()
-        self.config_version = hashlib.sha256(rules_text).hexdigest()[:12]
+        self.rules_path = settings.rules_file or DEFAULT_RULES_FILE
+        self.rules: Rules = load_rules(self.rules_path)
+        self.config_version = hashlib.sha256(self.rules_path.read_bytes()).hexdigest()[:12]
         self.registry = Registry(settings.registry_path)
         self.store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=settings.redis_timeout_ms / 1000.0)
         # Background refreshes get their own client and a patient timeout: a slow catalog read must
@@ -125,7 +126,8 @@ class Runtime:
 
     # ---- refresh ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        changed = await asyncio.to_thread(self._refresh_model)
+        rules_changed = await asyncio.to_thread(self._refresh_rules)
+        changed = await asyncio.to_thread(self._refresh_model) or rules_changed
         changed = await self._refresh_catalog() or changed
         if changed or self.state is None:
             # Building arrays for a large catalog takes a while: keep it off the event loop.
@@ -189,6 +191,30 @@ class Runtime:
             wins = np.minimum(arms_arrays(successes, index, len(catalog)), trials)
             arms[placement] = Arms(trials, wins)
         self.arms = arms
+
+    def _refresh_rules(self) -> bool:
+        """Serve an edited rules file from the next refresh on; an invalid one is refused, the old kept."""
+        try:
+            text = self.rules_path.read_bytes()
+        except OSError as exc:
+            self.status.rules_error = f"{self.rules_path}: cannot read: {exc.strerror}"
+            return False
+        version = hashlib.sha256(text).hexdigest()[:12]
+        if version == self.config_version:
+            self.status.rules_error = None
+            return False
+        try:
+            rules = parse_rules(text.decode("utf-8", errors="replace"), self.rules_path)
+        except RulesError as exc:
+            if self.status.rules_error != str(exc):
+                log.error("rules file changed but is invalid; still serving config %s:\n%s", self.config_version, exc)
+            self.status.rules_error = str(exc)
+            metrics.RULES_LOADS.labels("refused").inc()
+            return False
+        self.rules, self.config_version, self.status.rules_error = rules, version, None
+        metrics.RULES_LOADS.labels("loaded").inc()
+        log.info("serving rules %s from %s", version, self.rules_path)
+        return True
 
     def _refresh_model(self) -> bool:
         live = self.registry.live_version()
@@ -255,7 +281,7 @@ class Runtime:
         self._align_arms()
         metrics.CATALOG_ITEMS.set(len(self.catalog))
 
-    def _store_failed(self, operation: str, exc: Exception) -> None:
+    def store_failed(self, operation: str, exc: Exception) -> None:
         metrics.REDIS_ERRORS.labels(operation).inc()
         self.breaker.record_failure()
         metrics.BREAKER_OPEN.set(1 if self.breaker.state != "closed" else 0)
@@ -269,7 +295,7 @@ class Runtime:
         try:
             profile, catalog_version = await self.store.read_profile_and_catalog_version(customer_id)
         except StoreUnavailableError as exc:
-            self._store_failed("profile", exc)
+            self.store_failed("profile", exc)
             return None, "redis_unavailable"
         except ProfileDecodeError as exc:
             log.error("%s", exc)
@@ -300,7 +326,7 @@ class Runtime:
                 # Redis just failed us: a write would only add its timeout to an answer already degraded.
                 metrics.UNLOGGED.labels(req.placement, "redis_unavailable").inc()
             else:
-                await self._log_decision(decision, req, profile.pseudonym if profile else None)
+                await self.log_decision(decision, req.context, profile)
         elapsed = time.perf_counter() - t0
         metrics.DECISION_LATENCY.labels(req.placement).observe(elapsed)
         metrics.DECISIONS.labels(req.placement).inc()
@@ -308,19 +334,21 @@ class Runtime:
             metrics.FALLBACKS.labels(req.placement, decision.fallback_reason or "unknown").inc()
         return decision
 
-    async def _log_decision(self, decision: Decision, req: Request, pseudonym: str | None) -> None:
+    async def log_decision(
+        self, decision: Decision, context: Context, profile: Profile | None, channel: str = "web"
+    ) -> None:
         """Put the decision on the log's connection before answering, so feedback on it cannot overtake it."""
         entry = decision_entry(
             decision,
-            pseudonym=pseudonym,
-            channel="web",
+            pseudonym=profile.pseudonym if profile else None,
+            channel=channel,
             config_version=self.config_version,
-            context=req.context,
+            context=context,
             ts_ms=int(time.time() * 1000),
         )
-        track = req.placement in self.arms
+        track = decision.placement in self.arms
         if track:
-            self._impressions[req.placement].update(i.item_id for i in decision.items)
+            self._impressions[decision.placement].update(i.item_id for i in decision.items)
         try:
             replies = await self.decision_log.record(decision, entry, track_arms=track)
         except (RespError, RespConnectionError, OSError) as exc:
@@ -412,6 +440,8 @@ class Runtime:
             "catalog_version": self.status.catalog_version,
             "catalog_source": self.status.catalog_source,
             "catalog_items": len(self.catalog) if self.catalog else 0,
+            "config_version": self.config_version,
+            "rules_error": self.status.rules_error,
         }
 
 

@@ -210,3 +210,40 @@ class ErasureOut(BaseModel):
     customer_id: str
     erased: list[str] = Field(description="the kinds of data that existed and were deleted")
     decision_log: str = Field(description="what happened to the customer's entries in the decision log")
+
+
+class OffersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str = Field(..., pattern=ID_PATTERN, examples=["c42"])
+    channel: Literal["web", "email", "push", "sms"] = Field(..., examples=["web"])
+    limit: int = Field(3, ge=1, le=20, description="offers wanted")
+    context: RecommendationContext = Field(default_factory=RecommendationContext)
+
+
+class OfferExplanation(BaseModel):
+    propensity: float = Field(description="probability from the offer's propensity model (or the default)")
+    propensity_source: str = Field(description="the model's name, or 'default' when no model scored the customer")
+    value: float = Field(description="business value net of the offer's cost")
+    lever: float
+    context_weight: float
+    segment: str | None
+
+
+class OfferOut(BaseModel):
+    offer_id: str
+    title: str
+    priority_class: str
+    position: int
+    priority: float = Field(description="propensity × value × lever × context_weight")
+    explanation: OfferExplanation
+
+
+class OffersResponse(BaseModel):
+    decision_id: str
+    offers: list[OfferOut]
+    holdout: bool = Field(description="the customer is in the control group: no marketing offers")
+    held_out: list[str] = Field(description="offers whose own holdout includes this customer")
+    not_shown: dict[str, str] = Field(description="every other offer, with the reason it was left out")
+    fallback: bool
+    fallback_reason: str | None

@@ -117,6 +117,9 @@ class Offer(_Strict):
 
 class OfferSettings(_Strict):
     holdout_salt: str = Field("nextbest-holdout-v1", min_length=1, description="changing it reshuffles holdouts")
+    holdout_share: float = Field(
+        0.0, ge=0, le=0.5, description="customers in the global control group: no marketing offers at all"
+    )
     disabled_channels: frozenset[Channel] = Field(frozenset(), description="kill switch per channel")
     default_propensity: float = Field(
         0.02, gt=0, le=1, description="used when no model scores a customer (unknown customer, model missing)"

@@ -1,4 +1,5 @@
-"""The recommendation model at serving time: ALS factors (memory-mapped), item neighbours, bestsellers."""
+"""The recommendation model at serving time: ALS factors (memory-mapped), item neighbours, bestsellers, and the
+version's propensity models when it has them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy.typing as npt
 
 from engine.catalog import CatalogItem
 from engine.registry import Artifact, ArtifactError
+from engine.scoring import PROPENSITY_DIR, ModelFileError, PropensityModels, load_propensity_models
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -57,6 +59,7 @@ class RecModel:
     regularization: float
     catalog_snapshot: tuple[CatalogItem, ...]
     manifest: Mapping[str, object]
+    propensity: PropensityModels | None = None  # None: the version was trained without them
 
     @property
     def n_items(self) -> int:
@@ -135,6 +138,7 @@ def load_rec_model(artifact: Artifact) -> RecModel:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{artifact.path}: bestsellers or catalog snapshot unreadable: {exc}") from exc
     params = artifact.manifest.get("params", {})
+    propensity = _load_propensity(artifact)
     return RecModel(
         version=artifact.version,
         item_ids=item_ids,
@@ -150,7 +154,25 @@ def load_rec_model(artifact: Artifact) -> RecModel:
         regularization=float(params.get("regularization", 0.05)) if isinstance(params, dict) else 0.05,
         catalog_snapshot=catalog,
         manifest=artifact.manifest,
+        propensity=propensity,
     )
+
+
+def _load_propensity(artifact: Artifact) -> PropensityModels | None:
+    """The version's propensity models; a folder with a file the manifest does not vouch for, or a model that
+    does not load, refuses the whole version (as a bad factor file does)."""
+    folder = artifact.file(PROPENSITY_DIR)
+    if not folder.is_dir():
+        return None
+    listed = artifact.manifest.get("files", {})
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(artifact.path).as_posix()
+        if path.is_file() and name not in listed:
+            raise ArtifactError(f"{path}: not listed in the manifest, so its checksum was never verified")
+    try:
+        return load_propensity_models(folder)
+    except (ModelFileError, ValueError) as exc:
+        raise ArtifactError(f"{artifact.path}: propensity models refused: {exc}") from exc
 
 
 def save_array(path: Path, arr: np.ndarray) -> None:  # type: ignore[type-arg]

@@ -4,7 +4,8 @@ Layout::
 
     <root>/LIVE                    name of the live version (replaced atomically)
     <root>/<version>/manifest.json version, created, data range, parameters, metrics, sha256 of every file
-    <root>/<version>/<files>       the artifact's files
+    <root>/<version>/<files>       the artifact's files, subfolders included (manifest keys are relative
+                                   POSIX paths, e.g. "propensity/purchase_30d.onnx")
     <root>/.staging-*/             versions being written (never read)
 """
 
@@ -55,6 +56,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _staged_files(staging: Path) -> list[Path]:
+    """Every regular file under a staging folder, subfolders included, in a stable order (the manifest aside)."""
+    return sorted(p for p in staging.rglob("*") if p.is_file() and p != staging / MANIFEST)
+
+
+def _inside(version_dir: Path, name: str) -> Path:
+    """The path of a manifest entry; an entry that points outside its version folder is refused."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise ArtifactError(f"{version_dir / MANIFEST}: file entry {name!r} points outside the version folder")
+    return version_dir / rel
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -87,7 +101,8 @@ class Registry:
     def commit(self, staging: Path, meta: Mapping[str, Any], *, activate: bool = True) -> Artifact:
         """Checksum every staged file, write the manifest last, move the folder into place, go live."""
         created = dt.datetime.now(dt.UTC)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+        staged = _staged_files(staging)
+        files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in staged}
         digest = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
         # Milliseconds keep names (and so their sort order) distinct for versions made in the same second.
         version = f"{created:%Y%m%dT%H%M%S}.{created.microsecond // 1000:03d}Z-{digest}"
@@ -98,9 +113,11 @@ class Registry:
             **meta,
             "files": files,
         }
-        for f in staging.iterdir():
+        for f in staged:
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+        for d in sorted({f.parent for f in staged if f.parent != staging}, reverse=True):
+            _fsync_dir(d)
         _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         final = self.root / version
         os.replace(staging, final)
@@ -144,7 +161,7 @@ class Registry:
         if manifest.get("version") != version:
             raise ArtifactError(f"{mpath}: says version {manifest.get('version')!r}, folder is {version!r}")
         for name, expected in manifest["files"].items():
-            fpath = path / name
+            fpath = _inside(path, str(name))
             if not fpath.is_file():
                 raise ArtifactError(f"{fpath}: listed in the manifest but missing")
             actual = sha256_file(fpath)

@@ -3,12 +3,17 @@
 The ONNX files come from `training.propensity` (LightGBM converted by onnxmltools with ``zipmap=False``): one
 float32 input of shape (n, features); a binary model has a (n, 2) class-probability output, a regression model a
 (n, 1) value output. Anything else is refused at load with `ModelFileError`, so a bad file never reaches a request.
+
+A registry version carries its propensity models in a folder (`PROPENSITY_DIR`): `models.json` names the
+feature order and each model's kind and label, and `<name>.onnx` holds each model; `load_propensity_models`
+loads them all or refuses the folder.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +31,10 @@ META_KIND = "nextbest.kind"
 META_NAME = "nextbest.name"
 
 PROBABILITY_OUTPUT = "probabilities"  # the name onnxmltools gives the (n, 2) output with zipmap=False
+
+PROPENSITY_DIR = "propensity"  # inside a registry version
+MODELS_JSON = "models.json"
+MODEL_NAME = re.compile(r"[A-Za-z0-9_]+")  # a model name is also its file name: no paths
 
 
 class ModelFileError(ValueError):
@@ -60,9 +69,80 @@ class ScoringModel:
             )
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
+        return self._run(x).astype(np.float64)
+
+    def _run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The session on a checked (n, features) float32 array: P(label = 1) or the value per row."""
         out = np.asarray(self.session.run([self.output_name], {self.input_name: x})[0])
-        column = out[:, 1] if self.kind == "binary" else out.reshape(-1)
-        return column.astype(np.float64)
+        return out[:, 1] if self.kind == "binary" else out.reshape(-1)
+
+
+@dataclass(frozen=True)
+class PropensityModels:
+    """The propensity and value models of one version, over one feature order."""
+
+    feature_names: tuple[str, ...]
+    models: dict[str, ScoringModel]
+
+    def predict(self, features: Sequence[float] | np.ndarray) -> dict[str, float]:  # type: ignore[type-arg]
+        """One customer's features (in `feature_names` order, NaN = missing) -> probability or value per model.
+
+        The float32 row is built once and each session runs once on it, without the per-call checks of
+        `ScoringModel.predict`.
+        """
+        row = np.ascontiguousarray(features, dtype=np.float32)
+        if row.shape != (len(self.feature_names),):
+            raise ValueError(f"propensity models take one row of {len(self.feature_names)} features, got {row.shape}")
+        x = row.reshape(1, -1)
+        return {name: float(model._run(x)[0]) for name, model in self.models.items()}
+
+
+def load_propensity_models(folder: Path) -> PropensityModels | None:
+    """The models described by `<folder>/models.json`; None when the folder has no models.json.
+
+    models.json is ``{"feature_names": [...], "models": {name: {"kind": ..., "label": ...}}}`` and each model
+    is `<folder>/<name>.onnx`. Raises ModelFileError, naming the file, when models.json is unreadable or
+    malformed or a model file fails `load_scoring_model`.
+    """
+    folder = Path(folder)
+    path = folder / MODELS_JSON
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(path, f"cannot be read ({exc})") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ModelFileError(path, f"is not valid JSON ({exc})") from exc
+    names, specs = _check_models_json(path, doc)
+    models = {name: load_scoring_model(folder / f"{name}.onnx", name, kind, names) for name, kind in specs.items()}
+    return PropensityModels(feature_names=names, models=models)
+
+
+def _check_models_json(path: Path, doc: object) -> tuple[tuple[str, ...], dict[str, str]]:
+    if not isinstance(doc, Mapping):
+        raise ModelFileError(path, "is not a JSON object")
+    names = doc.get("feature_names")
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ModelFileError(path, "'feature_names' must be a non-empty list of distinct names")
+    models = doc.get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise ModelFileError(path, "'models' must be a non-empty object of model name -> {kind, label}")
+    specs: dict[str, str] = {}
+    for name, spec in models.items():
+        if not MODEL_NAME.fullmatch(name):
+            raise ModelFileError(path, f"model name {name!r} must be letters, digits and underscores")
+        if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS or not isinstance(spec.get("label"), str):
+            raise ModelFileError(path, f"model {name!r} needs a kind in {KINDS} and a label, got {spec!r}")
+        specs[name] = spec["kind"]
+    return tuple(names), specs
 
 
 def session_options() -> ort.SessionOptions:

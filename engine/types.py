@@ -33,6 +33,11 @@ class Profile:
     spend: float = 0.0
     updated_at: int = 0  # unix seconds
     pseudonym: str | None = None  # random id the decision log uses instead of the customer id
+    segment: str | None = None  # RFM segment at load time (training.features.SEGMENTS)
+    country: str | None = None
+    # Customer features in the order of the propensity models' feature_names (training.features.FEATURE_COLUMNS),
+    # stored as float16: about 3 significant digits (see feature_store.profiles); () when not loaded.
+    features: tuple[float, ...] = ()
 
     def has_consent(self, channel: str) -> bool:
         return channel in self.consents

@@ -80,11 +80,11 @@ def load_shop(redis_url: str, keys: Keys, shop_dir: Path) -> int:
     from feature_store.store import RedisStore
     from training.datafiles import read_shop
     from training.load import catalog_items
-    from training.profiles import build_profiles
+    from training.profiles import profiles_for_load
 
     shop = read_shop(shop_dir)
     store = RedisStore(redis_url, keys)
-    n = store.write_profiles(build_profiles(shop))
+    n = store.write_profiles(profiles_for_load(shop, shop_dir))
     store.write_catalog(catalog_items(shop))
     store.close()
     return n

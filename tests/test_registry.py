@@ -84,3 +84,26 @@ def test_prune_keeps_the_live_version_and_the_newest_others(tmp_path):
     removed = reg.prune(keep=2)
     assert set(removed) == set(versions[1:3])
     assert set(reg.versions()) == {versions[0], versions[3], versions[4]}
+
+
+def test_files_in_subfolders_are_checksummed_and_verified(tmp_path):
+    reg = Registry(tmp_path)
+    staging = reg.stage()
+    (staging / "top.json").write_text("{}")
+    (staging / "sub" / "deeper").mkdir(parents=True)
+    (staging / "sub" / "deeper" / "model.bin").write_bytes(b"weights")
+    v = reg.commit(staging, {"kind": "test"}).version
+    assert set(reg.verify(v).manifest["files"]) == {"top.json", "sub/deeper/model.bin"}
+    (tmp_path / v / "sub" / "deeper" / "model.bin").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match=r"model\.bin: checksum mismatch"):
+        reg.verify(v)
+
+
+def test_a_manifest_entry_outside_the_version_folder_is_refused(tmp_path):
+    reg = Registry(tmp_path)
+    v = _version(reg)
+    manifest = json.loads((tmp_path / v / "manifest.json").read_text())
+    manifest["files"]["../LIVE"] = "0" * 64
+    (tmp_path / v / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outside the version folder"):
+        reg.verify(v)

@@ -20,7 +20,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(redis_url: str, keys, registry: Path, data_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(
+    redis_url: str, keys, registry: Path, data_dir: Path, workers: int, rules_file: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {
         **os.environ,
@@ -31,6 +33,8 @@ def _serve(redis_url: str, keys, registry: Path, data_dir: Path, workers: int) -
         "NEXTBEST_LOG_LEVEL": "warning",
         "NEXTBEST_REFRESH_INTERVAL_S": "0.2",
     }
+    if rules_file is not None:
+        env["NEXTBEST_RULES_FILE"] = str(rules_file)
     exe = Path(sys.executable).with_name("nextbest")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", str(workers)], env=env)
     base = f"http://127.0.0.1:{port}"

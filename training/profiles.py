@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from engine.types import SECONDS_PER_DAY, Profile, PurchaseSummary
-from feature_store.profiles import MAX_AFFINITIES, MAX_PURCHASES, MAX_VIEWS
+from feature_store.profiles import MAX_AFFINITIES, MAX_PURCHASES, MAX_VIEWS, quantise_features
 from training.datafiles import CONSENT_COLUMNS, ShopData
+from training.features import FEATURE_COLUMNS, customer_features
 
 CART_WINDOW_DAYS = 3  # a cart item older than this, or bought since, is no longer "in the cart"
 AFFINITY_HALF_LIFE_DAYS = 30.0
@@ -72,6 +76,33 @@ def build_profiles(shop: ShopData, as_of: int | None = None) -> Iterator[Profile
             spend=float(spend.get(cid, 0.0)),
             updated_at=int(last_seen.get(cid, 0)),
         )
+
+
+def profiles_for_load(shop: ShopData, data_dir: Path) -> Iterator[Profile]:
+    """What `nextbest load` writes: `build_profiles` plus segment, country and the propensity features.
+
+    The features (FEATURE_COLUMNS order, float16-rounded as stored) and segment are as of one second after the
+    last event; a customer created after that gets neither. Features are computed here, before the first
+    profile is yielded, so the caller's progress bar counts only the profiles.
+    """
+    ev = shop.events
+    as_of = int(ev["timestamp"].max()) + 1 if len(ev) else int(time.time())
+    frame = customer_features(data_dir, as_of)
+    values = quantise_features(frame[list(FEATURE_COLUMNS)].to_numpy(dtype=np.float64)).astype(np.float64)
+    extras = {
+        cid: (segment, tuple(row))
+        for cid, segment, row in zip(frame["customer_id"], frame["segment"], values.tolist(), strict=True)
+    }
+    countries = dict(zip(shop.customers["customer_id"], shop.customers["country"], strict=True))
+    return _with_extras(build_profiles(shop), extras, countries)
+
+
+def _with_extras(
+    profiles: Iterator[Profile], extras: dict[str, tuple[str, tuple[float, ...]]], countries: dict[str, str]
+) -> Iterator[Profile]:
+    for p in profiles:
+        segment, features = extras.get(p.customer_id, (None, ()))
+        yield dataclasses.replace(p, segment=segment, country=countries.get(p.customer_id) or None, features=features)
 
 
 def _category_affinity(ev: pd.DataFrame, catalog: pd.DataFrame, now: int) -> dict[str, list[tuple[str, float]]]:

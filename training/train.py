@@ -1,4 +1,5 @@
-"""`nextbest train`: read the shop's files, evaluate on a time split, fit on everything, publish a version."""
+"""`nextbest train`: read the shop's files, evaluate on a time split, fit on everything, train the propensity
+models (training.offer_models) when the history is long enough, publish a version."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from training.als import AlsFit, AlsParams, fit_als, item_neighbours
 from training.artifacts import bestsellers, catalog_snapshot, popularity, repurchase_days
 from training.datafiles import ShopData, read_shop
 from training.evaluate import EvalParams, evaluate, split_time
+from training.offer_models import train_propensity
+from training.propensity import LgbmParams
 
 Progress = Callable[[str], None]
 
@@ -31,6 +34,8 @@ class TrainParams:
     neighbours: int = 50
     bestseller_window_days: int = 30
     evaluate: bool = True
+    propensity: bool = True  # purchase / churn / email click / value models, when the events span enough time
+    lgbm: LgbmParams = field(default_factory=lambda: LgbmParams(num_threads=2))
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,12 @@ def train(
     staging = registry.stage()
     say("writing the model version")
     parts.write(staging)
+    als_seconds = time.perf_counter() - t_start
+    if params.propensity and len(events):
+        first, last = int(events["timestamp"].min()), int(events["timestamp"].max())
+        metrics["propensity"] = train_propensity(data_dir, staging, first, last, params.lgbm, say)
+    elif params.propensity:
+        metrics["propensity"] = {"skipped": "no events"}
     meta = {
         "kind": "recommendations",
         "data": {
@@ -138,10 +149,12 @@ def train(
             **asdict(params.als),
             "neighbours": params.neighbours,
             "bestseller_window_days": params.bestseller_window_days,
+            "propensity": asdict(params.lgbm) if params.propensity else None,
         },
         "metrics": {
             **metrics,
             "fit_seconds": round(parts.fit.fit_seconds, 3),
+            "als_seconds": round(als_seconds, 3),
             "train_seconds": round(time.perf_counter() - t_start, 3),
         },
         "repurchase_days": parts.repurchase_days,

@@ -1,0 +1,150 @@
+"""Next best offers: profile and features → propensities (ONNX Runtime) → arbitration → holdout → caps.
+
+The pure parts live in the engine (`engine.offers.arbitrate`, `engine.holdout`); this module adds what
+needs the store: the profile read (the request's first round trip), the cap reservation (one Lua
+script, the second), and the decision log. With Redis down the answer is the safe default: offers
+that need no state — nothing with a cap or suppression — and nothing that needs a consent we cannot
+read, with `fallback: true`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.holdout import in_holdout
+from engine.ids import new_decision_id
+from engine.offers import Customer, RankedOffer, arbitrate
+from engine.offers_config import Offer
+from engine.types import Context, Decision, Profile, ShownItem
+from feature_store.caps import Candidate, Cap, Reservation, reserve
+from feature_store.resp import RespConnectionError, RespError
+
+if TYPE_CHECKING:
+    from api.runtime import Runtime
+
+GLOBAL_HOLDOUT = "__all_offers__"  # the salt's suffix for the global control group
+
+
+@dataclass(frozen=True, slots=True)
+class OfferRequest:
+    customer_id: str
+    channel: str
+    limit: int
+    context: Context = field(default_factory=Context)
+
+
+@dataclass(frozen=True, slots=True)
+class OfferAnswer:
+    decision_id: str
+    offers: tuple[RankedOffer, ...]
+    segment: str | None
+    holdout: bool
+    held_out: tuple[str, ...]
+    fallback: bool
+    fallback_reason: str | None
+    refused: dict[str, str]
+
+
+def _candidate(offer_id: str, offer: Offer, channel: str) -> Candidate:
+    scope = {"offer": f"offer:{offer_id}", "class": f"class:{offer.priority_class}", "channel": f"channel:{channel}"}
+    caps = tuple(Cap(scope[rule.scope], rule.limit, rule.window) for rule in offer.caps)
+    return Candidate(offer_id, caps, offer.suppress_after)
+
+
+def _customer(runtime: Runtime, customer_id: str, profile: Profile | None) -> Customer:
+    if profile is None:
+        return Customer(customer_id)
+    scores: dict[str, float] = {}
+    models = runtime.model.propensity if runtime.model is not None else None
+    if models is not None and len(profile.features) == len(models.feature_names):
+        scores = models.predict(profile.features)
+    return Customer(customer_id, profile.segment, profile.country, profile.consents, scores)
+
+
+async def next_best_offers(runtime: Runtime, req: OfferRequest) -> OfferAnswer:
+    rules = runtime.rules
+    offers, settings = rules.offers, rules.offer_settings
+    profile, reason = await runtime.read_profile(req.customer_id)
+    store_down = reason in ("redis_unavailable", "redis_circuit_open")
+    customer = _customer(runtime, req.customer_id, profile)
+    now = dt.datetime.now(dt.UTC)
+    ranked, refused = arbitrate(offers, settings, customer, req.channel, req.context, now=now, catalog=runtime.catalog)
+    decision_id = new_decision_id()
+    holdout = settings.holdout_share > 0 and in_holdout(
+        req.customer_id, f"{settings.holdout_salt}:{GLOBAL_HOLDOUT}", settings.holdout_share
+    )
+    if holdout:
+        # The control group: what it would get without marketing (transactional and service still flow).
+        for r in ranked:
+            if r.priority_class == "marketing":
+                refused[r.offer_id] = "holdout (control group)"
+        ranked = [r for r in ranked if r.priority_class != "marketing"]
+    held_out = tuple(
+        r.offer_id
+        for r in ranked
+        if offers[r.offer_id].holdout > 0
+        and in_holdout(req.customer_id, f"{settings.holdout_salt}:{r.offer_id}", offers[r.offer_id].holdout)
+    )
+    for oid in held_out:
+        refused[oid] = "holdout for this offer"
+    ranked = [r for r in ranked if r.offer_id not in held_out]
+    if store_down:
+        stateless = [r for r in ranked if not offers[r.offer_id].caps and offers[r.offer_id].suppress_after is None]
+        for r in ranked:
+            if r not in stateless:
+                refused[r.offer_id] = "needs the store (caps), which is unavailable"
+        chosen = stateless[: req.limit]
+    else:
+        reservation = await _reserve(runtime, req, ranked)
+        if reservation is None:
+            chosen, store_down, reason = [], True, "redis_unavailable"
+        else:
+            refused.update(reservation.refused)
+            granted = set(reservation.granted)
+            chosen = [r for r in ranked if r.offer_id in granted]
+    answer = OfferAnswer(
+        decision_id=decision_id,
+        offers=tuple(chosen),
+        segment=customer.segment,
+        holdout=holdout,
+        held_out=held_out,
+        fallback=store_down,
+        fallback_reason=reason if store_down else None,
+        refused=refused,
+    )
+    if runtime.settings.decision_log and not store_down:
+        await runtime.log_decision(_as_decision(answer, req, runtime), req.context, profile, channel=req.channel)
+    return answer
+
+
+async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:
+    offers = runtime.rules.offers
+    candidates = [_candidate(r.offer_id, offers[r.offer_id], req.channel) for r in ranked]
+    try:
+        return await reserve(
+            runtime.ingest_client, runtime.keys, req.customer_id, candidates, req.limit, int(time.time() * 1000)
+        )
+    except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+        runtime.store_failed("caps", exc)
+        return None
+
+
+def _as_decision(answer: OfferAnswer, req: OfferRequest, runtime: Runtime) -> Decision:
+    """The answer in the decision log's terms: one action per offer (offers are ranked, not explored)."""
+    items = tuple(
+        ShownItem(item_id=r.offer_id, position=pos, score=round(r.priority, 6), reasons=(r.priority_class,))
+        for pos, r in enumerate(answer.offers, start=1)
+    )
+    return Decision(
+        decision_id=answer.decision_id,
+        placement=f"offers:{req.channel}",
+        customer_id=req.customer_id,
+        model_version=runtime.status.model_version,
+        items=items,
+        fallback=answer.fallback,
+        fallback_reason=answer.fallback_reason,
+        policy="greedy",
+    )
