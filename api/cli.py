@@ -272,9 +272,14 @@ def bench(
     name: Annotated[str, typer.Argument(help="latency | ingest | overhead")],
     quick: Annotated[bool, typer.Option(help="a small, CI-sized run")] = False,
     out: Annotated[Path, typer.Option(help="where reports go")] = Path("benchmarks/reports"),
+    endpoint: Annotated[str, typer.Option(help="latency: recommendations | offers")] = "recommendations",
 ) -> None:
     """Run a benchmark: prints a table, writes a Markdown report with plots."""
-    if name == "latency":
+    if name == "latency" and endpoint == "offers":
+        from benchmarks.offers import run_offers_bench
+
+        run_offers_bench(console, quick=quick, out_dir=out)
+    elif name == "latency":
         from benchmarks.latency import run_latency_bench
 
         run_latency_bench(console, quick=quick, out_dir=out)
