@@ -52,6 +52,35 @@ def _show(
     return data
 
 
+def _show_offers(console: Console, base: str, body: dict[str, Any]) -> None:
+    """Next best offers with every factor of their priority, and why the others were left out."""
+    data = httpx.post(f"{base}/v1/offers/next-best", json=body, timeout=5.0).json()
+    flag = " [yellow]holdout (control group)[/yellow]" if data["holdout"] else ""
+    table = Table(title=f"next best offers on {body['channel']} for {body['customer_id']}{flag}", title_justify="left")
+    for col in ("#", "offer", "class", "priority", "propensity", "value", "lever", "context", "segment"):
+        table.add_column(col)
+    for o in data["offers"]:
+        e = o["explanation"]
+        table.add_row(
+            str(o["position"]),
+            o["title"],
+            o["priority_class"],
+            f"{o['priority']:.3f}",
+            f"{e['propensity']:.3f} ({e['propensity_source']})",
+            f"{e['value']:.2f}",
+            f"{e['lever']:g}",
+            f"{e['context_weight']:g}",
+            str(e["segment"]),
+        )
+    console.print(table)
+    for offer_id, why in sorted(data["not_shown"].items()):
+        console.print(f"  [dim]not shown: {offer_id}: {why}[/dim]")
+    console.print(
+        f"  [dim]curl -s -X POST {base}/v1/offers/next-best -H 'content-type: application/json' "
+        f"-d '{orjson.dumps(body).decode()}'[/dim]\n"
+    )
+
+
 def _arm(client: Any, keys: Any, item: str) -> tuple[int, int]:
     n, s = client.hget(keys.arm_impressions("home"), item), client.hget(keys.arm_successes("home"), item)
     return int(n or 0), int(s or 0)
@@ -187,6 +216,10 @@ def run_demo(
             _show(console, base, {"customer_id": typical, "placement": "pdp", "context": {"item_id": item}}, titles)
             _show_event_effect(console, base, typical, catalog, titles)
             _show_click_effect(console, base, url, typical, titles)
+            _show_offers(
+                console, base, {"customer_id": heavy, "channel": "web", "limit": 3, "context": {"cart": [item]}}
+            )
+            _show_offers(console, base, {"customer_id": typical, "channel": "email", "limit": 3})
             _show(
                 console, base, {"customer_id": "someone-new", "placement": "cart", "context": {"cart": [item]}}, titles
             )
