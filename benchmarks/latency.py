@@ -108,7 +108,7 @@ def _load_and_measure_store(
     from feature_store.store import RedisStore
     from training.datafiles import read_shop
     from training.load import catalog_items
-    from training.profiles import build_profiles
+    from training.profiles import profiles_for_load
 
     shop = read_shop(shop_dir)
     store = RedisStore(url)
@@ -116,7 +116,7 @@ def _load_and_measure_store(
     before = int(store.client.info("memory")["used_memory"])
     with console.status("loading profiles into Redis"):
         t0 = time.perf_counter()
-        n = store.write_profiles(build_profiles(shop))
+        n = store.write_profiles(profiles_for_load(shop, shop_dir))  # what `nextbest load` writes
         load_s = time.perf_counter() - t0
         store.write_catalog(catalog_items(shop))
     after = int(store.client.info("memory")["used_memory"])
