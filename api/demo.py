@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,10 @@ def _show_event_effect(
     _show(console, base, home, titles)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(
     console: Console,
     *,
@@ -169,6 +174,8 @@ def run_demo(
 
     from api.cli import redis_url
 
+    # SIGTERM (a supervisor, `timeout`) ends the demo like Ctrl-C: the server and the embedded Redis stop too.
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = get_settings()
     shop_dir = settings.data_dir / "demo-shop"
     end = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
