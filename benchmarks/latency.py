@@ -241,6 +241,35 @@ def bench_root() -> Path:
     return root
 
 
+def trained_registry(registry_dir: Path, shop_dir: Path, console: Console) -> Path:
+    """A registry with a live version trained on `shop_dir` (ALS and propensity models), trained once and reused."""
+    from engine.registry import Registry
+    from engine.rules import load_rules
+    from training.train import TrainParams, train
+
+    if Registry(registry_dir).live_version() is None:
+        with console.status("training the model to serve"):
+            train(shop_dir, Registry(registry_dir), load_rules(), TrainParams())
+    return registry_dir
+
+
+def load_shop_into(url: str, shop_dir: Path, console: Console) -> list[str]:
+    """Empty the Redis at `url` and load it as `nextbest load` does; returns the customer ids."""
+    from feature_store.store import RedisStore
+    from training.datafiles import read_shop
+    from training.load import catalog_items
+    from training.profiles import profiles_for_load
+
+    shop = read_shop(shop_dir)
+    store = RedisStore(url)
+    store.client.flushdb()
+    with console.status("loading profiles with their features, and the catalog"):
+        store.write_profiles(profiles_for_load(shop, shop_dir))
+        store.write_catalog(catalog_items(shop))
+    store.close()
+    return [str(c) for c in shop.customers["customer_id"]]
+
+
 def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     from feature_store.server import EmbeddedRedis
 

@@ -18,7 +18,7 @@ import orjson
 import yaml
 from rich.console import Console
 
-from benchmarks.latency import bench_root, free_port, prepare_shop, start_server
+from benchmarks.latency import bench_root, free_port, load_shop_into, prepare_shop, start_server, trained_registry
 from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 
@@ -75,34 +75,6 @@ def offers_rules(n: int, seed: int) -> dict[str, object]:
     base["offers"] = offers
     base["offer_settings"] = {"holdout_salt": "bench", "holdout_share": 0.05}
     return base
-
-
-def _registry(spec: OffersSpec, shop_dir: Path, root: Path, console: Console) -> Path:
-    from engine.registry import Registry
-    from engine.rules import load_rules
-    from training.train import TrainParams, train
-
-    registry_dir = root / f"registry-{spec.customers}x{spec.days}-offers"
-    if Registry(registry_dir).live_version() is None:
-        with console.status("training ALS and the propensity models"):
-            train(shop_dir, Registry(registry_dir), load_rules(), TrainParams())
-    return registry_dir
-
-
-def _load(shop_dir: Path, url: str, console: Console) -> list[str]:
-    from feature_store.store import RedisStore
-    from training.datafiles import read_shop
-    from training.load import catalog_items
-    from training.profiles import profiles_for_load
-
-    shop = read_shop(shop_dir)
-    store = RedisStore(url)
-    store.client.flushdb()
-    with console.status("loading profiles with their features"):
-        store.write_profiles(profiles_for_load(shop, shop_dir))
-        store.write_catalog(catalog_items(shop))
-    store.close()
-    return [str(c) for c in shop.customers["customer_id"]]
 
 
 def _requests(ids: list[str], seed: int, n: int) -> list[Request]:
@@ -165,14 +137,14 @@ def run_offers_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     )
     shop_dir = prepare_shop(spec.customers, spec.items, spec.days, spec.seed, root, console)
     report.add_dataset("events", shop_dir / "events.parquet")
-    registry_dir = _registry(spec, shop_dir, root, console)
+    registry_dir = trained_registry(root / f"registry-{spec.customers}x{spec.days}-offers", shop_dir, console)
     rules_path = root / f"rules-{spec.offers}-offers.yaml"
     rules_path.write_text(yaml.safe_dump(offers_rules(spec.offers, spec.seed), sort_keys=False), encoding="utf-8")
     server = EmbeddedRedis(root / "redis", appendonly=False).start()
     proc = None
     results: list[LoadResult] = []
     try:
-        ids = _load(shop_dir, server.url, console)
+        ids = load_shop_into(server.url, shop_dir, console)
         port = free_port()
         proc = start_server(server.url, registry_dir, port, root, {"NEXTBEST_RULES_FILE": str(rules_path)})
         console.print(f"open loop over {list(spec.rates)} req/s, {spec.duration_s:g} s each")

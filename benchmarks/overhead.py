@@ -18,7 +18,15 @@ import numpy as np
 import orjson
 from rich.console import Console
 
-from benchmarks.latency import bench_root, free_port, prepare_shop, requests_mix, start_server
+from benchmarks.latency import (
+    bench_root,
+    free_port,
+    load_shop_into,
+    prepare_shop,
+    requests_mix,
+    start_server,
+    trained_registry,
+)
 from benchmarks.loadgen import LoadResult, Request, run_side_by_side
 from benchmarks.report import Report
 
@@ -47,34 +55,6 @@ class OverheadSpec:
 
 FULL = OverheadSpec(100_000, 5_000, 180, 200.0, 20.0, 3, 5_000)
 QUICK = OverheadSpec(5_000, 500, 60, 50.0, 4.0, 1, 500)
-
-
-def _registry(spec: OverheadSpec, shop_dir: Path, root: Path, console: Console) -> Path:
-    """The latency benchmark's trained model for this shop when there is one; otherwise train it."""
-    from engine.registry import Registry
-    from engine.rules import load_rules
-    from training.train import TrainParams, train
-
-    registry_dir = root / f"registry-{spec.customers}"
-    if Registry(registry_dir).live_version() is None:
-        with console.status("training the model to serve"):
-            train(shop_dir, Registry(registry_dir), load_rules(), TrainParams())
-    return registry_dir
-
-
-def _load(shop_dir: Path, url: str) -> list[str]:
-    from feature_store.store import RedisStore
-    from training.datafiles import read_shop
-    from training.load import catalog_items
-    from training.profiles import build_profiles
-
-    shop = read_shop(shop_dir)
-    store = RedisStore(url)
-    store.client.flushdb()
-    store.write_profiles(build_profiles(shop))
-    store.write_catalog(catalog_items(shop))
-    store.close()
-    return [str(c) for c in shop.customers["customer_id"]]
 
 
 def _engine_timings(spec: OverheadSpec, shop_dir: Path, registry_dir: Path, ids: list[str]) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
@@ -137,12 +117,11 @@ def run_overhead_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     )
     shop_dir = prepare_shop(spec.customers, spec.items, spec.days, spec.seed, root, console)
     report.add_dataset("events", shop_dir / "events.parquet")
-    registry_dir = _registry(spec, shop_dir, root, console)
+    registry_dir = trained_registry(root / f"registry-{spec.customers}", shop_dir, console)
     server = EmbeddedRedis(root / "redis", appendonly=False).start()
     runs: dict[tuple[str, str], list[list[LoadResult]]] = {pair: [] for pair in PAIRS}
     try:
-        with console.status("loading profiles and catalog"):
-            ids = _load(shop_dir, server.url)
+        ids = load_shop_into(server.url, shop_dir, console)
         reqs = requests_mix(ids, shop_dir, spec.seed)
         for round_no in range(spec.rounds):
             for pair in PAIRS:
