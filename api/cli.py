@@ -258,7 +258,7 @@ def serve(
 def demo(
     customers: int = 20_000,
     items: int = 2_000,
-    days: int = 120,
+    days: int = 150,  # the propensity models need 30 days of history plus a 90-day label window
     port: int = 8000,
 ) -> None:
     """Generate a shop, train, load Redis, serve on 127.0.0.1 and show real decisions."""
