@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from api.bodies import BodyError, install_openapi
-from api.routes import catalog, customers, events, feedback, health, offers, recommendations
+from api.routes import catalog, customers, email, events, feedback, health, offers, recommendations
 from api.runtime import NotReadyError, Runtime
 from api.settings import Settings, get_settings
 
@@ -37,11 +37,12 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    app.router.routes.extend([*recommendations.ROUTES, *offers.ROUTES, *events.ROUTES, *catalog.ROUTES])
+    app.router.routes.extend([*recommendations.ROUTES, *offers.ROUTES, *events.ROUTES, *catalog.ROUTES, *email.ROUTES])
     app.include_router(customers.router)
     app.include_router(feedback.router)
+    app.include_router(email.router)
     app.include_router(health.router)
-    install_openapi(app, [*recommendations.OPENAPI, *offers.OPENAPI, *events.OPENAPI, *catalog.OPENAPI])
+    install_openapi(app, [*recommendations.OPENAPI, *offers.OPENAPI, *events.OPENAPI, *catalog.OPENAPI, *email.OPENAPI])
 
     @app.exception_handler(BodyError)
     async def invalid_body(_request: Request, exc: BodyError) -> JSONResponse:

@@ -27,6 +27,12 @@ UNLOGGED = Counter(
 )
 FEEDBACK = Counter("nextbest_feedback_total", "Feedback received by POST /v1/feedback", ["result"])
 EVENTS = Counter("nextbest_events_total", "Events received by POST /v1/events", ["result"])
+EMAIL_SLOTS = Counter(
+    "nextbest_email_slots_total",
+    "Email slot answers: decided (first call), stored (read back), replaced, race_lost, fallback",
+    ["result"],
+)
+EMAIL_CLICKS = Counter("nextbest_email_clicks_total", "Email click links followed", ["result"])
 RULES_LOADS = Counter("nextbest_rules_loads_total", "Rules file reloads", ["result"])
 MODEL_LOADS = Counter("nextbest_model_loads_total", "Model version loads", ["result"])
 MODEL_INFO = Gauge("nextbest_model_info", "1 for the model version being served", ["version"], multiprocess_mode="max")

@@ -64,15 +64,28 @@ def _customer(runtime: Runtime, customer_id: str, profile: Profile | None) -> Cu
     return Customer(customer_id, profile.segment, profile.country, profile.consents, scores)
 
 
-async def next_best_offers(runtime: Runtime, req: OfferRequest) -> OfferAnswer:
+@dataclass(frozen=True, slots=True)
+class OfferPlan:
+    """Everything decided before the store is asked for caps: ranked offers that passed the hard filters."""
+
+    decision_id: str
+    ranked: tuple[RankedOffer, ...]
+    refused: dict[str, str]
+    segment: str | None
+    holdout: bool
+    held_out: tuple[str, ...]
+    store_down: bool
+    reason: str | None
+
+
+def plan_offers(runtime: Runtime, req: OfferRequest, profile: Profile | None, reason: str | None) -> OfferPlan:
+    """Propensities, arbitration, the global and per-offer holdouts: pure, given the profile read."""
     rules = runtime.rules
     offers, settings = rules.offers, rules.offer_settings
-    profile, reason = await runtime.read_profile(req.customer_id)
     store_down = reason in ("redis_unavailable", "redis_circuit_open")
     customer = _customer(runtime, req.customer_id, profile)
     now = dt.datetime.now(dt.UTC)
     ranked, refused = arbitrate(offers, settings, customer, req.channel, req.context, now=now, catalog=runtime.catalog)
-    decision_id = new_decision_id()
     holdout = settings.holdout_share > 0 and in_holdout(
         req.customer_id, f"{settings.holdout_salt}:{GLOBAL_HOLDOUT}", settings.holdout_share
     )
@@ -96,36 +109,88 @@ async def next_best_offers(runtime: Runtime, req: OfferRequest) -> OfferAnswer:
         for r in ranked:
             if r not in stateless:
                 refused[r.offer_id] = "needs the store (caps), which is unavailable"
-        chosen = stateless[: req.limit]
-    else:
-        reservation = await _reserve(runtime, req, ranked)
-        if reservation is None:
-            chosen, store_down, reason = [], True, "redis_unavailable"
-        else:
-            refused.update(reservation.refused)
-            granted = set(reservation.granted)
-            chosen = [r for r in ranked if r.offer_id in granted]
-    answer = OfferAnswer(
-        decision_id=decision_id,
-        offers=tuple(chosen),
+        ranked = stateless
+    return OfferPlan(
+        decision_id=new_decision_id(),
+        ranked=tuple(ranked),
+        refused=refused,
         segment=customer.segment,
         holdout=holdout,
         held_out=held_out,
+        store_down=store_down,
+        reason=reason,
+    )
+
+
+def settle(plan: OfferPlan, req: OfferRequest, reservation: Reservation | None) -> OfferAnswer:
+    """The answer once caps are reserved (`reservation` None: the store failed, only stateless offers)."""
+    refused = dict(plan.refused)
+    store_down, reason = plan.store_down, plan.reason
+    if store_down:
+        chosen = list(plan.ranked[: req.limit])
+    elif reservation is None:
+        chosen, store_down, reason = [], True, "redis_unavailable"
+    else:
+        refused.update(reservation.refused)
+        granted = set(reservation.granted)
+        chosen = [r for r in plan.ranked if r.offer_id in granted]
+    return OfferAnswer(
+        decision_id=plan.decision_id,
+        offers=tuple(chosen),
+        segment=plan.segment,
+        holdout=plan.holdout,
+        held_out=plan.held_out,
         fallback=store_down,
         fallback_reason=reason if store_down else None,
         refused=refused,
     )
-    if runtime.settings.decision_log and not store_down:
-        await runtime.log_decision(_as_decision(answer, req, runtime), req.context, profile, channel=req.channel)
+
+
+async def next_best_offers(
+    runtime: Runtime,
+    req: OfferRequest,
+    *,
+    read: tuple[Profile | None, str | None] | None = None,
+    log: bool = True,
+) -> OfferAnswer:
+    """The offers for one customer. `read` is a profile read the caller already made (email slots);
+    with `log` False the caller logs the answer itself (`log_offers`) once it knows it is used."""
+    profile, reason = read if read is not None else await runtime.read_profile(req.customer_id)
+    plan = plan_offers(runtime, req, profile, reason)
+    reservation = None if plan.store_down else await _reserve(runtime, req, list(plan.ranked))
+    answer = settle(plan, req, reservation)
+    if log:
+        await log_offers(runtime, answer, req, profile)
     return answer
 
 
-async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:
+async def log_offers(
+    runtime: Runtime,
+    answer: OfferAnswer,
+    req: OfferRequest,
+    profile: Profile | None,
+    feedback_window_s: int | None = None,
+) -> None:
+    if runtime.settings.decision_log and not answer.fallback:
+        await runtime.log_decision(
+            _as_decision(answer, req, runtime), req.context, profile, req.channel, feedback_window_s
+        )
+
+
+def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> list[Candidate]:
     offers = runtime.rules.offers
-    candidates = [_candidate(r.offer_id, offers[r.offer_id], req.channel) for r in ranked]
+    return [_candidate(r.offer_id, offers[r.offer_id], req.channel) for r in ranked]
+
+
+async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:
     try:
         return await reserve(
-            runtime.ingest_client, runtime.keys, req.customer_id, candidates, req.limit, int(time.time() * 1000)
+            runtime.ingest_client,
+            runtime.keys,
+            req.customer_id,
+            cap_candidates(runtime, req, ranked),
+            req.limit,
+            int(time.time() * 1000),
         )
     except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
         runtime.store_failed("caps", exc)

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from typing import Any
 import numpy as np
 
 from api import metrics
+from api.email import EmailSlots
+from api.email_render import EmailRenderer
 from api.settings import Settings
+from api.signing import ClickSigner
 from engine.catalog import CatalogState
 from engine.pipeline import Request, recommend
 from engine.policies import Arms
@@ -99,9 +103,16 @@ class Runtime:
         # Impressions counted since the last refresh, added to the shared state then (see add_impressions).
         self._impressions: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self._log_writes: set[asyncio.Task[None]] = set()
+        # Email connected content: stored per (campaign, customer), click links signed with rotating keys.
+        keys_setting = settings.email_signing_keys.get_secret_value() if settings.email_signing_keys else None
+        self.email_signer = ClickSigner.from_setting(keys_setting)
+        self.email = EmailSlots(self)
+        self.email_renderer = EmailRenderer(self.email_signer, settings.public_url)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.email_signer.ephemeral:
+            await self._shared_signing_key()
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="nextbest-refresh")
 
@@ -115,6 +126,26 @@ class Runtime:
         await self.store.close()
         await self.background_store.close()
         await self.ingest_client.close()
+
+    async def _shared_signing_key(self) -> None:
+        """Without configured keys, one random key kept in Redis, so every worker and replica verifies the
+        links of the others. Configure NEXTBEST_EMAIL_SIGNING_KEYS for production: then Redis holds no key."""
+        key = self.keys.email_signing_key
+        try:
+            _, secret = await self.ingest_client.pipeline([("SET", key, secrets.token_urlsafe(32), "NX"), ("GET", key)])
+            self.email_signer = ClickSigner([("r1", bytes(secret))], ephemeral=True)
+            log.warning(
+                "NEXTBEST_EMAIL_SIGNING_KEYS is not set: email click links are signed with a random key kept in "
+                "Redis (%s); fine for a demo, configure keys for real emails",
+                key,
+            )
+        except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+            log.warning(
+                "NEXTBEST_EMAIL_SIGNING_KEYS is not set and Redis is unavailable (%s): email click links "
+                "are signed with a key of this process only",
+                exc,
+            )
+        self.email_renderer = EmailRenderer(self.email_signer, self.settings.public_url)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -300,6 +331,11 @@ class Runtime:
         except ProfileDecodeError as exc:
             log.error("%s", exc)
             return None, "profile_unreadable"
+        await self.store_succeeded(catalog_version)
+        return profile, None
+
+    async def store_succeeded(self, catalog_version: int | None) -> None:
+        """A request's read worked: close the circuit, and catch up with a catalog changed by a webhook."""
         if self.breaker.state != "closed":
             metrics.BREAKER_OPEN.set(0)
         self.breaker.record_success()
@@ -310,7 +346,6 @@ class Runtime:
             except (StoreUnavailableError, RespError, RespConnectionError, TimeoutError) as exc:
                 metrics.REDIS_ERRORS.labels("catalog").inc()
                 log.warning("catalog catch-up failed, deciding on version %s: %s", self._catalog_version, exc)
-        return profile, None
 
     async def recommend(self, req: Request) -> Decision:
         t0 = time.perf_counter()
@@ -335,7 +370,12 @@ class Runtime:
         return decision
 
     async def log_decision(
-        self, decision: Decision, context: Context, profile: Profile | None, channel: str = "web"
+        self,
+        decision: Decision,
+        context: Context,
+        profile: Profile | None,
+        channel: str = "web",
+        feedback_window_s: int | None = None,
     ) -> None:
         """Put the decision on the log's connection before answering, so feedback on it cannot overtake it."""
         entry = decision_entry(
@@ -350,7 +390,7 @@ class Runtime:
         if track:
             self._impressions[decision.placement].update(i.item_id for i in decision.items)
         try:
-            replies = await self.decision_log.record(decision, entry, track_arms=track)
+            replies = await self.decision_log.record(decision, entry, track_arms=track, window_s=feedback_window_s)
         except (RespError, RespConnectionError, OSError) as exc:
             self._log_write_failed(decision, exc)
             return
@@ -429,6 +469,12 @@ class Runtime:
             log.warning("consent update failed: %s", exc)
             return None
 
+    def _signing_status(self) -> str:
+        signer = self.email_signer
+        if not signer.ephemeral:
+            return f"{len(signer.keys)} configured key(s), signing with {signer.keys[0][0]}"
+        return "demo key kept in Redis" if signer.keys[0][0] == "r1" else "key of this process only"
+
     async def readiness(self) -> dict[str, object]:
         redis_ok = await self.background_store.ping()
         return {
@@ -442,6 +488,7 @@ class Runtime:
             "catalog_items": len(self.catalog) if self.catalog else 0,
             "config_version": self.config_version,
             "rules_error": self.status.rules_error,
+            "email_signing": self._signing_status(),
         }
 
 

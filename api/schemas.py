@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
@@ -247,3 +247,55 @@ class OffersResponse(BaseModel):
     not_shown: dict[str, str] = Field(description="every other offer, with the reason it was left out")
     fallback: bool
     fallback_reason: str | None
+
+
+CAMPAIGN_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+MAX_BATCH_RECIPIENTS = 100_000
+
+
+class EmailSlotOut(BaseModel):
+    position: int
+    type: Literal["product", "offer"]
+    item_id: str | None = Field(None, description="product slots")
+    offer_id: str | None = Field(None, description="offer slots")
+    title: str
+    price: float | None = Field(description="in the customer's currency (catalog price × the country's rate)")
+    price_formatted: str = Field(description="price in the customer's locale, e.g. '12,99 €'")
+    image_url: str
+    click_url: str = Field(description="signed link: records the click, then redirects with UTM parameters")
+    reasons: list[str]
+
+
+class EmailSlotsOut(BaseModel):
+    campaign_id: str
+    decision_id: str
+    placement: str
+    locale: str
+    currency: str
+    source: Literal["decided", "stored", "fallback"] = Field(
+        description="decided: this call chose the content; stored: read back; fallback: bestsellers, not stored"
+    )
+    fallback: bool
+    fallback_reason: str | None
+    slots: list[EmailSlotOut]
+
+
+class EmailBatchIn(BaseModel):
+    """Recipients of one campaign; each is a customer id (or {"customer_id": ...}). A bad entry is reported
+    on its own NDJSON line and does not stop the batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    campaign_id: str = Field(..., pattern=CAMPAIGN_PATTERN, examples=["weekly-2026-48"])
+    placement: str = Field("email:weekly", min_length=1, max_length=64)
+    slots: int | None = Field(None, ge=1, le=100, description="product slots (default: the placement's)")
+    recipients: list[Any] = Field(..., min_length=1, max_length=MAX_BATCH_RECIPIENTS)
+
+
+class EmailBatchLine(BaseModel):
+    """One NDJSON line: the recipient's content as the single call returns it, or the entry's error."""
+
+    index: int
+    customer_id: str | None = None
+    error: str | None = None
+    content: EmailSlotsOut | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     )
     log_max_entries: int = Field(
         2_000_000, ge=1_000, description="cap on unexported log entries (a safety net: export drains the log)"
+    )
+    email_signing_keys: SecretStr | None = Field(
+        None,
+        description="click-link keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random key per "
+        "process, so links break on restart and across replicas",
+    )
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="this service's address as email recipients reach it (click links point here)",
     )
 
     @property

@@ -99,6 +99,7 @@ class Value(_Strict):
 
 class Offer(_Strict):
     title: str = Field(..., min_length=1, max_length=200)
+    url: str = Field("", max_length=2000, description="landing page (email click links); default the shop's")
     channels: frozenset[Channel] = Field(..., min_length=1)
     priority_class: PriorityClass = Field("marketing", alias="class")
     eligibility: Eligibility = Eligibility()

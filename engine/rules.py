@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.email_config import EmailSettings
 from engine.offers_config import Offer, OfferSettings
 
 Source = Literal["als", "buy_again", "neighbours", "recent_neighbours", "bestsellers"]
@@ -120,6 +121,9 @@ class Placement(_Strict):
     rerank: Rerank = Rerank()
     exploration: Exploration = Greedy()
     shadow: Exploration | None = None
+    offer_slots: int = Field(
+        0, ge=0, le=5, description="email: slots after the products filled with next best offers for the channel"
+    )
 
     @model_validator(mode="after")
     def _limits(self) -> Placement:
@@ -141,6 +145,7 @@ class Rules(_Strict):
     placements: dict[str, Placement]
     offers: dict[str, Offer] = Field(default_factory=dict)
     offer_settings: OfferSettings = OfferSettings()
+    email: EmailSettings = EmailSettings()
 
     @model_validator(mode="after")
     def _has_placements(self) -> Rules:

@@ -179,6 +179,29 @@ async def reserve(
     return Reservation(granted=tuple(x.decode() for x in granted), refused=refusals)
 
 
+async def reserve_many(
+    client: LeanRedis, keys: Keys, requests: Sequence[tuple[str, Sequence[Candidate], int]], now_ms: int
+) -> list[Reservation]:
+    """`reserve` for many customers (customer, candidates, limit) in one round trip, one script run each."""
+    for customer_id, candidates, limit in requests:
+        _validate(customer_id, candidates, limit, now_ms)
+    calls = [_reserve_call(keys, cid, cands, limit, now_ms) for cid, cands, limit in requests if cands]
+    replies = iter(await client.run_script(RESERVE, calls) if calls else [])
+    out = []
+    for _, candidates, _ in requests:
+        if not candidates:
+            out.append(Reservation(granted=(), refused={}))
+            continue
+        granted, refused = next(replies)
+        flat = [x.decode() for x in refused]
+        out.append(
+            Reservation(
+                granted=tuple(x.decode() for x in granted), refused=dict(zip(flat[::2], flat[1::2], strict=True))
+            )
+        )
+    return out
+
+
 async def record_positive_feedback(client: LeanRedis, keys: Keys, customer_id: str, offer_id: str) -> None:
     """The customer responded to the offer: its ignored count starts again from zero (lifts suppression)."""
     _check_name(customer_id, "customer_id")

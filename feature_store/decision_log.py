@@ -127,20 +127,23 @@ class DecisionLog:
         # Approximate trimming is a safety net for a log nobody exports; export keeps it far below.
         return ("XADD", self.keys.log_stream, "MAXLEN", "~", self.max_entries, "*", ENTRY_FIELD, entry)
 
-    async def record(self, decision: Decision, entry: bytes, *, track_arms: bool) -> Coroutine[Any, Any, list[Any]]:
+    async def record(
+        self, decision: Decision, entry: bytes, *, track_arms: bool, window_s: int | None = None
+    ) -> Coroutine[Any, Any, list[Any]]:
         """Write one decision to the log now; returns the awaitable of Redis's replies.
 
         The caller may answer before the replies arrive: the commands are already on the connection, so
         Redis appends the decision before anything sent later (feedback on it included). `track_arms`
         marks a placement whose bandit state learns from feedback on this decision (its impressions are
-        counted by `add_impressions`).
+        counted by `add_impressions`). `window_s` overrides the feedback window for this decision (an
+        email is clicked days after it was decided).
         """
         shown = [i.item_id for i in decision.items]
         record = orjson.dumps({"p": decision.placement, "a": shown, "t": int(track_arms)})
         return await self.client.pipeline_written(
             [
                 self._xadd(entry),
-                ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", self.window_s),
+                ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", window_s or self.window_s),
             ]
         )
 

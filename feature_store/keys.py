@@ -12,11 +12,14 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{c:<id>}:cap:<scope>``     | zset   | impressions in one cap scope, scored by ms; TTL its longest window |
 | ``<p>:{c:<id>}:capkeys``         | hash   | cap scope → its longest window (s); TTL the longest of them     |
 | ``<p>:{c:<id>}:ignored``         | hash   | offer_id → impressions since the last positive feedback, 30 d TTL |
+| ``<p>:{c:<id>}:email:<campaign>``| string | the email content decided for a campaign (JSON), TTL the content's |
+| ``<p>:{c:<id>}:emails``          | set    | campaigns with stored content (erasure finds them); TTL the longest |
 | ``<p>:{catalog}:items``          | hash   | item_id → JSON of the item (price, stock, margin, …)     |
 | ``<p>:{catalog}:version``        | string | counter, incremented on every catalog change             |
 | ``<p>:{catalog}:changes``        | zset   | item_id → version of its last webhook change (capped)    |
 | ``<p>:{catalog}:base``           | string | oldest version the change log can bring a worker up from |
 | ``<p>:meta:loaded``              | hash   | when and from what the last bulk load ran                |
+| ``<p>:meta:email-signing-key``   | string | click-link key when none is configured (demo only)       |
 | ``<p>:{log}:stream``             | stream | the decision log: decisions and rewards (drained by export) |
 | ``<p>:{log}:d:<decision_id>``    | string | shown actions of a decision, for joining feedback (TTL)  |
 | ``<p>:{log}:f:<decision_id>``    | set    | feedback already recorded for a decision (idempotency)   |
@@ -67,6 +70,12 @@ class Keys:
     def offer_ignored(self, customer_id: str) -> str:
         return f"{self.prefix}:{{c:{customer_id}}}:ignored"
 
+    def email_content(self, customer_id: str, campaign_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:email:{campaign_id}"
+
+    def email_campaigns(self, customer_id: str) -> str:
+        return f"{self.prefix}:{{c:{customer_id}}}:emails"
+
     def customer_keys(self, customer_id: str) -> dict[str, str]:
         """Every fixed-name key that holds data about one customer, by what it holds (erasure deletes them all).
 
@@ -79,6 +88,7 @@ class Keys:
             "event_dedupe": self.seen_events(customer_id),
             "cap_scopes": self.cap_scopes(customer_id),
             "offer_ignored": self.offer_ignored(customer_id),
+            "email_campaigns": self.email_campaigns(customer_id),
         }
 
     @property
@@ -116,6 +126,10 @@ class Keys:
     @property
     def catalog_base(self) -> str:
         return f"{self.prefix}:{{catalog}}:base"
+
+    @property
+    def email_signing_key(self) -> str:
+        return f"{self.prefix}:meta:email-signing-key"
 
     @property
     def load_meta(self) -> str:

@@ -52,7 +52,7 @@ def _text(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _profile(customer_id: str, raw: bytes | str | None) -> Profile | None:
+def profile_from_json(customer_id: str, raw: bytes | str | None) -> Profile | None:
     if raw is None:
         return None
     try:
@@ -105,7 +105,7 @@ class RedisStore:
         return n
 
     def read_profile(self, customer_id: str) -> Profile | None:
-        return _profile(customer_id, self.client.get(self.keys.profile(customer_id)))
+        return profile_from_json(customer_id, self.client.get(self.keys.profile(customer_id)))
 
     def write_catalog(self, items: Iterable[CatalogItem], replace: bool = True) -> int:
         """Write the catalog and bump its version so every API worker reloads it."""
@@ -158,14 +158,14 @@ class AsyncRedisStore:
 
     async def read_profile(self, customer_id: str) -> Profile | None:
         (raw,) = await self._run("profile read", ("GET", self.keys.profile(customer_id)))
-        return _profile(customer_id, raw)
+        return profile_from_json(customer_id, raw)
 
     async def read_profile_and_catalog_version(self, customer_id: str) -> tuple[Profile | None, int | None]:
         """The request's single round trip: the profile, and the catalog version to check freshness."""
         raw, version = await self._run(
             "profile read", ("GET", self.keys.profile(customer_id)), ("GET", self.keys.catalog_version)
         )
-        return _profile(customer_id, raw), (int(version) if version is not None else None)
+        return profile_from_json(customer_id, raw), (int(version) if version is not None else None)
 
     async def catalog_version(self) -> str | None:
         (v,) = await self._run("catalog version read", ("GET", self.keys.catalog_version))

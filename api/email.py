@@ -1,0 +1,288 @@
+"""Email slots at send time: decide once per (campaign, customer), store, read back, replace what sold out.
+
+One round trip reads the profile, the catalog version and any stored content. A first call decides the
+product slots with the placement's pipeline and the offer slots with the offers' rules (caps reserved in
+a second round trip), then stores the content with `STORE_FIRST`: if a concurrent first call stored
+first, its content is returned instead and this call's decision is dropped unlogged. Whenever Redis
+cannot be used the answer is bestsellers in stock with `fallback: true`: an email never goes out empty.
+
+A lost race has reserved its offers' caps already: the impression is counted although it was never
+sent. That errs on the safe side (a cap may refuse one offer early; it is never exceeded).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from api import metrics
+from api.offers import OfferAnswer, OfferPlan, OfferRequest, cap_candidates, log_offers, plan_offers, settle
+from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable
+from engine.pipeline import Request, recommend
+from engine.state import ServingState
+from engine.types import Context, Decision, Profile, ShownItem
+from feature_store.caps import Reservation, reserve_many
+from feature_store.email_store import EmailRead, EmailStore, profile_of
+from feature_store.profiles import ProfileDecodeError
+from feature_store.resp import RespConnectionError, RespError
+from feature_store.store import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from api.runtime import Runtime
+
+log = logging.getLogger("nextbest")
+STORE_DOWN = ("redis_unavailable", "redis_circuit_open")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotsRequest:
+    campaign_id: str
+    customer_id: str
+    placement: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmailAnswer:
+    content: EmailContent
+    source: str  # "decided" (first call), "stored" (read back), "fallback" (not stored)
+    country: str | None
+
+
+class EmailSlots:
+    """The email flows over one runtime (its state, store client, breaker and decision log)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = EmailStore(runtime.store.client, runtime.keys)
+
+    # ---- single call --------------------------------------------------------------------------------
+    async def slots(self, req: SlotsRequest) -> EmailAnswer:
+        rt = self.runtime
+        state = rt.state
+        if state is None:
+            from api.runtime import NotReadyError  # runtime imports this module
+
+            raise NotReadyError("no catalog loaded yet")
+        if not rt.breaker.allow():
+            return self._fallback(state, req, "redis_circuit_open", None)
+        try:
+            read = await self.store.read(req.customer_id, req.campaign_id)
+        except StoreUnavailableError as exc:
+            rt.store_failed("email", exc)
+            return self._fallback(state, req, "redis_unavailable", None)
+        await rt.store_succeeded(read.catalog_version)
+        state = rt.state or state
+        profile, reason = self._profile(req.customer_id, read)
+        country = profile.country if profile else None
+        if read.stored is not None:
+            answer = await self._read_back(state, req, read.stored, profile)
+            if answer is not None:
+                return answer
+        content, offers = await self._decide(state, req, profile, reason)
+        try:
+            existing = await self.store.store_first(
+                req.customer_id, req.campaign_id, content.to_bytes(), state.rules.email.content_ttl
+            )
+        except StoreUnavailableError as exc:
+            rt.store_failed("email", exc)
+            return self._fallback(state, req, "redis_unavailable", country)
+        if existing is not None:
+            metrics.EMAIL_SLOTS.labels("race_lost").inc()
+            return EmailAnswer(EmailContent.from_bytes(existing), "stored", country)
+        await self._log(state, content, offers, req, profile)
+        metrics.EMAIL_SLOTS.labels("decided").inc()
+        return EmailAnswer(content, "decided", country)
+
+    # ---- batch (pre-send) ------------------------------------------------------------------------
+    async def slots_many(self, reqs: list[SlotsRequest]) -> list[EmailAnswer]:
+        """`slots` for many recipients of one campaign, with a round trip per step instead of per recipient:
+        one read, one cap reservation for all offer slots, one store. Each answer is what `slots` gives."""
+        rt = self.runtime
+        state = rt.state
+        if state is None:
+            from api.runtime import NotReadyError  # runtime imports this module
+
+            raise NotReadyError("no catalog loaded yet")
+        if not reqs:
+            return []
+        campaign = reqs[0].campaign_id
+        if not rt.breaker.allow():
+            return [self._fallback(state, r, "redis_circuit_open", None) for r in reqs]
+        try:
+            reads = await self.store.read_many([r.customer_id for r in reqs], campaign)
+        except StoreUnavailableError as exc:
+            rt.store_failed("email", exc)
+            return [self._fallback(state, r, "redis_unavailable", None) for r in reqs]
+        await rt.store_succeeded(reads[0].catalog_version)
+        state = rt.state or state
+        answers: list[EmailAnswer | None] = [None] * len(reqs)
+        fresh: list[tuple[int, Decision, Profile | None, OfferRequest | None, OfferPlan | None]] = []
+        for j, (req, read) in enumerate(zip(reqs, reads, strict=True)):
+            profile, reason = self._profile(req.customer_id, read)
+            if read.stored is not None:
+                answers[j] = await self._read_back(state, req, read.stored, profile)
+                if answers[j] is not None:
+                    continue
+            decision = self._recommend(state, req, profile, reason)
+            n_offers = state.rules.placement(req.placement).offer_slots
+            if n_offers and state.rules.offers:
+                wanted = OfferRequest(req.customer_id, "email", n_offers)
+                fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason)))
+            else:
+                fresh.append((j, decision, profile, None, None))
+        to_reserve = [(o, p) for _, _, _, o, p in fresh if o is not None and p is not None and p.ranked]
+        reservations = iter(await _reserve_plans(rt, to_reserve) if to_reserve else [])
+        contents: list[tuple[int, EmailContent, OfferAnswer | None, Profile | None]] = []
+        for j, decision, profile, offer_req, plan in fresh:
+            offers = None
+            if offer_req is not None and plan is not None:
+                reservation = next(reservations) if plan.ranked else Reservation(granted=(), refused={})
+                offers = settle(plan, offer_req, reservation)
+            contents.append((j, self._content(reqs[j], decision, offers), offers, profile))
+        ttl = state.rules.email.content_ttl
+        try:
+            existing = await self.store.store_first_many(
+                [(reqs[j].customer_id, campaign, c.to_bytes(), ttl) for j, c, _, _ in contents]
+            )
+        except StoreUnavailableError as exc:
+            rt.store_failed("email", exc)
+            for j, _, _, _ in contents:
+                answers[j] = self._fallback(state, reqs[j], "redis_unavailable", None)
+            return [a for a in answers if a is not None]
+        for (j, content, offers, profile), other in zip(contents, existing, strict=True):
+            country = profile.country if profile else None
+            if other is not None:
+                metrics.EMAIL_SLOTS.labels("race_lost").inc()
+                answers[j] = EmailAnswer(EmailContent.from_bytes(other), "stored", country)
+                continue
+            await self._log(state, content, offers, reqs[j], profile)
+            metrics.EMAIL_SLOTS.labels("decided").inc()
+            answers[j] = EmailAnswer(content, "decided", country)
+        return [a for a in answers if a is not None]
+
+    def _recommend(
+        self, state: ServingState, req: SlotsRequest, profile: Profile | None, reason: str | None
+    ) -> Decision:
+        rt = self.runtime
+        return recommend(
+            state,
+            Request(req.customer_id, req.placement, req.slots),
+            profile,
+            fallback_reason=reason,
+            explore=rt.settings.exploration,
+            arms=rt.arms if state.catalog is rt.catalog else {},
+        )
+
+    def _profile(self, customer_id: str, read: EmailRead) -> tuple[Profile | None, str | None]:
+        try:
+            return profile_of(customer_id, read.profile_raw), None
+        except ProfileDecodeError as exc:
+            log.error("%s", exc)
+            return None, "profile_unreadable"
+
+    async def _read_back(
+        self, state: ServingState, req: SlotsRequest, raw: bytes, profile: Profile | None
+    ) -> EmailAnswer | None:
+        """The stored content, with sold-out items replaced in place; None if it cannot be read."""
+        country = profile.country if profile else None
+        try:
+            content = EmailContent.from_bytes(raw)
+        except ContentDecodeError as exc:
+            log.error("email content of campaign %r is unreadable, deciding again: %s", req.campaign_id, exc)
+            return None
+        if content.placement not in state.rules.placements:
+            return EmailAnswer(content, "stored", country)  # the placement was removed: serve as stored
+        refreshed = replace_unavailable(content, state, profile, req.customer_id)
+        if refreshed is not None:
+            try:
+                now = await self.store.replace_if_same(req.customer_id, req.campaign_id, raw, refreshed.to_bytes())
+            except StoreUnavailableError as exc:
+                self.runtime.store_failed("email", exc)
+                now = None
+            # Another open replaced first: serve what it stored, so every open shows the same email.
+            content = EmailContent.from_bytes(now) if now is not None else refreshed
+            metrics.EMAIL_SLOTS.labels("replaced").inc()
+        metrics.EMAIL_SLOTS.labels("stored").inc()
+        return EmailAnswer(content, "stored", country)
+
+    async def _decide(
+        self, state: ServingState, req: SlotsRequest, profile: Profile | None, reason: str | None
+    ) -> tuple[EmailContent, OfferAnswer | None]:
+        rt = self.runtime
+        decision = self._recommend(state, req, profile, reason)
+        offers = None
+        n_offers = state.rules.placement(req.placement).offer_slots
+        if n_offers and state.rules.offers:
+            offer_req = OfferRequest(req.customer_id, "email", n_offers)
+            offers = await _offers_for(rt, offer_req, profile, reason)
+        return self._content(req, decision, offers), offers
+
+    def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None) -> EmailContent:
+        chosen = [(o.offer_id, o.priority_class) for o in offers.offers] if offers else []
+        return content_from_decision(req.campaign_id, decision, chosen, offers.decision_id if offers else None)
+
+    async def _log(
+        self,
+        state: ServingState,
+        content: EmailContent,
+        offers: OfferAnswer | None,
+        req: SlotsRequest,
+        profile: Profile | None,
+    ) -> None:
+        rt = self.runtime
+        if not rt.settings.decision_log:
+            return
+        window = state.rules.email.click_ttl
+        decision = Decision(
+            decision_id=content.decision_id,
+            placement=content.placement,
+            customer_id=req.customer_id,
+            model_version=content.model_version,
+            items=tuple(ShownItem(s.item_id, s.position, s.score, s.reasons, s.propensity) for s in content.products),
+            fallback=content.fallback,
+            fallback_reason=content.fallback_reason,
+            policy=self._policy(state, req.placement),
+            policy_params=self._params(state, req.placement),
+        )
+        await rt.log_decision(decision, Context(), profile, "email", window)
+        if offers is not None and offers.offers:
+            await log_offers(rt, offers, OfferRequest(req.customer_id, "email", len(offers.offers)), profile, window)
+
+    def _policy(self, state: ServingState, placement: str) -> str:
+        return state.rules.placement(placement).exploration.policy if self.runtime.settings.exploration else "greedy"
+
+    def _params(self, state: ServingState, placement: str) -> tuple[tuple[str, float], ...]:
+        spec = state.rules.placement(placement).exploration
+        return tuple(spec.params().items()) if self.runtime.settings.exploration else (("pool", 30),)
+
+    def _fallback(self, state: ServingState, req: SlotsRequest, reason: str, country: str | None) -> EmailAnswer:
+        """Bestsellers in stock, decided without the store (deterministic, so retries agree), not stored."""
+        decision = recommend(
+            state, Request(req.customer_id, req.placement, req.slots), None, fallback_reason=reason, explore=False
+        )
+        metrics.EMAIL_SLOTS.labels("fallback").inc()
+        return EmailAnswer(content_from_decision(req.campaign_id, decision, []), "fallback", country)
+
+
+async def _offers_for(rt: Runtime, req: OfferRequest, profile: Profile | None, reason: str | None) -> OfferAnswer:
+    plan = plan_offers(rt, req, profile, reason)
+    reservation: Reservation | None = None
+    if not plan.store_down and plan.ranked:
+        reservation = (await _reserve_plans(rt, [(req, plan)]))[0]
+    elif not plan.store_down:
+        reservation = Reservation(granted=(), refused={})
+    return settle(plan, req, reservation)
+
+
+async def _reserve_plans(rt: Runtime, plans: list[tuple[OfferRequest, OfferPlan]]) -> list[Reservation | None]:
+    """Cap reservations for many customers in one round trip; None each if the store failed."""
+    requests = [(r.customer_id, cap_candidates(rt, r, list(p.ranked)), r.limit) for r, p in plans]
+    try:
+        got = await reserve_many(rt.ingest_client, rt.keys, requests, int(time.time() * 1000))
+    except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
+        rt.store_failed("caps", exc)
+        return [None] * len(plans)
+    return list(got)

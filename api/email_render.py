@@ -1,0 +1,122 @@
+"""Email content as an ESP template consumes it: JSON slots (titles, prices in the customer's currency and
+locale, images, signed click links) or a ready table-based HTML block for ESPs that cannot loop."""
+
+from __future__ import annotations
+
+import functools
+import html
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from babel.numbers import format_currency
+
+from api.email import EmailAnswer
+from api.signing import ClickSigner, ClickToken
+from engine.email_config import EmailSettings
+from engine.rules import Rules
+from engine.state import ServingState
+
+MS = 1000
+
+
+@functools.lru_cache(maxsize=65_536)
+def format_price(amount: float, currency: str, locale: str) -> str:
+    """'12,99 €' for de_DE, '£11.17' for en_GB: CLDR formatting (cached: a catalog has few distinct prices)."""
+    return str(format_currency(amount, currency, locale=locale))
+
+
+def landing_url(base: str, campaign_id: str, position: int, utm: dict[str, str]) -> str:
+    """`base` with the campaign's UTM parameters added (existing query parameters are kept)."""
+    parts = urlsplit(base)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("utm_")]
+    query += [*utm.items(), ("utm_campaign", campaign_id), ("utm_content", f"slot{position}")]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+class EmailRenderer:
+    def __init__(self, signer: ClickSigner, public_url: str) -> None:
+        self.signer = signer
+        self.click_base = public_url.rstrip("/") + "/v1/email/click/"
+
+    def body(self, answer: EmailAnswer, state: ServingState) -> dict[str, Any]:
+        content, rules = answer.content, state.rules
+        fmt = rules.email.country_format(answer.country)
+        expires = content.created_ms // MS + rules.email.click_ttl
+        cat = state.catalog
+        slots: list[dict[str, Any]] = []
+        for s in content.slots:
+            decision_id = content.decision_id if s.kind == "product" else content.offers_decision_id or ""
+            token = self.signer.sign(
+                ClickToken(decision_id, content.campaign_id, s.position, s.kind, s.item_id, expires)
+            )
+            slot: dict[str, Any] = {
+                "position": s.position,
+                "type": s.kind,
+                "click_url": self.click_base + token,
+                "reasons": list(s.reasons),
+            }
+            if s.kind == "product":
+                i = cat.index.get(s.item_id)
+                price = round(float(cat.price[i]) * fmt.rate, 2) if i is not None else None
+                slot |= {
+                    "item_id": s.item_id,
+                    "title": cat.titles[i] if i is not None else "",
+                    "price": price,
+                    "price_formatted": format_price(price, fmt.currency, fmt.locale) if price is not None else "",
+                    "image_url": cat.image_urls[i] if i is not None else "",
+                }
+            else:
+                offer = rules.offers.get(s.item_id)
+                slot |= {"offer_id": s.item_id, "title": offer.title if offer else "", "price": None}
+                slot |= {"price_formatted": "", "image_url": ""}
+            slots.append(slot)
+        return {
+            "campaign_id": content.campaign_id,
+            "decision_id": content.decision_id,
+            "placement": content.placement,
+            "locale": fmt.locale,
+            "currency": fmt.currency,
+            "source": answer.source,
+            "fallback": content.fallback,
+            "fallback_reason": content.fallback_reason,
+            "slots": slots,
+        }
+
+    def html(self, body: dict[str, Any]) -> str:
+        """A table-based block (inline styles only: most mail clients ignore <style> and flexbox)."""
+        cells = []
+        for s in body["slots"]:
+            title, url = html.escape(s["title"]), html.escape(s["click_url"], quote=True)
+            img = (
+                f'<a href="{url}"><img src="{html.escape(s["image_url"], quote=True)}" alt="{title}" width="140" '
+                'style="display:block;border:0;width:140px;max-width:100%"></a>'
+                if s["image_url"]
+                else ""
+            )
+            price = (
+                f'<div style="font-weight:bold">{html.escape(s["price_formatted"])}</div>'
+                if s["price_formatted"]
+                else ""
+            )
+            cells.append(
+                '<td align="center" valign="top" style="padding:8px;font-family:Arial,sans-serif;font-size:14px">'
+                f'{img}<div><a href="{url}" style="color:#222;text-decoration:none">{title}</a></div>{price}</td>'
+            )
+        rows = "".join(f"<tr>{''.join(cells[k : k + 2])}</tr>" for k in range(0, len(cells), 2))
+        return (
+            f'<table role="presentation" cellpadding="0" cellspacing="0" border="0" width="100%" '
+            f'data-decision-id="{html.escape(body["decision_id"], quote=True)}">{rows}</table>'
+        )
+
+
+def target_url(rules: Rules, state: ServingState, token: ClickToken) -> str:
+    """Where a click lands: the item's (or offer's) page, else the shop, with UTM parameters."""
+    email: EmailSettings = rules.email
+    base = ""
+    if token.kind == "product":
+        i = state.catalog.index.get(token.target)
+        base = state.catalog.urls[i] if i is not None else ""
+    else:
+        offer = rules.offers.get(token.target)
+        base = offer.url if offer else ""
+    return landing_url(base or email.shop_url, token.campaign_id, token.position, email.utm)

@@ -1,0 +1,387 @@
+"""Email slots: stored once and read back, replacement at open, fallbacks, signed clicks, batch, offers."""
+
+import concurrent.futures
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import orjson
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import Settings
+from api.signing import ClickSigner, ClickToken, InvalidTokenError
+from feature_store.keys import Keys
+from feature_store.server import EmbeddedRedis
+from tests.conftest import load_shop
+from tests.test_serve import _serve, _stop
+
+KEYS_SETTING = "k2:second-secret-0123456789,k1:first-secret-0123456789"
+OFFER_RULES = """
+placements:
+  "email:weekly":
+    default_limit: 4
+    sources: {als: 1.0, bestsellers: 0.3}
+    rerank: {max_per_category: 2}
+    offer_slots: 1
+offer_settings: {holdout_salt: test, holdout_share: 0.0}
+offers:
+  weekly_deal:
+    title: 10 % off this week
+    url: https://shop.example.com/deals
+    channels: [email]
+    value: {fixed: 5.0}
+    caps: [{scope: channel, limit: 1, window: 7d}]
+email:
+  countries:
+    DE: {locale: de_DE, currency: EUR}
+    GB: {locale: en_GB, currency: GBP, rate: 0.86}
+    default: {locale: en_IE, currency: EUR}
+"""
+
+
+@pytest.fixture
+def registry_root(trained, tmp_path) -> Path:
+    root: Path = tmp_path / "registry"
+    shutil.copytree(trained.registry.root, root)
+    return root
+
+
+def _settings(registry_root: Path, keys: Keys, **kw: Any) -> Settings:
+    base: dict[str, Any] = {"refresh_interval_s": 0.1, "redis_timeout_ms": 2000, "email_signing_keys": KEYS_SETTING}
+    return Settings(registry_dir=registry_root, key_prefix=keys.prefix, **{**base, **kw})
+
+
+@pytest.fixture
+def client(redis_url, keys, shop_dir, registry_root) -> Iterator[TestClient]:
+    load_shop(redis_url, keys, shop_dir)
+    with TestClient(create_app(_settings(registry_root, keys), redis_url=redis_url)) as c:
+        yield c
+
+
+def _slots(client: TestClient | httpx.Client, campaign: str, customer: str, **params: Any) -> dict[str, Any]:
+    r = client.get(f"/v1/email/slots/{campaign}/{customer}", params=params)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _items(body: dict[str, Any]) -> list[str]:
+    return [s["item_id"] for s in body["slots"] if s["type"] == "product"]
+
+
+def _buyers(shop, n: int) -> list[str]:
+    counts = shop.events[shop.events["type"] == "purchase"]["customer_id"].value_counts()
+    return [str(c) for c in counts.index[:n]]
+
+
+def test_first_call_decides_and_every_later_call_returns_the_same_content(client, shop):
+    customer = _buyers(shop, 1)[0]
+    first = _slots(client, "wk48", customer)
+    assert first["source"] == "decided" and first["fallback"] is False and len(_items(first)) == 4
+    for _ in range(3):
+        again = _slots(client, "wk48", customer)
+        assert again["source"] == "stored"
+        assert again["decision_id"] == first["decision_id"] and again["slots"] == first["slots"]
+    # Another campaign is decided on its own.
+    assert _slots(client, "wk49", customer)["decision_id"] != first["decision_id"]
+
+
+def test_slots_carry_title_formatted_price_image_and_signed_link(client, shop, redis_url, keys):
+    customer = _buyers(shop, 1)[0]
+    country = redis.Redis.from_url(redis_url).get(keys.profile(customer))
+    body = _slots(client, "wk48", customer)
+    catalog = shop.catalog.set_index("item_id")
+    for s in [s for s in body["slots"] if s["type"] == "product"]:
+        row = catalog.loc[s["item_id"]]
+        assert s["title"] == row["title"] and s["image_url"] == row["image_url"]
+        assert s["click_url"].startswith("http://127.0.0.1:8000/v1/email/click/")
+        assert customer not in s["click_url"]  # the link does not carry the customer id in clear
+        assert s["price_formatted"]
+    assert country is not None and body["currency"] in {"EUR", "GBP"}
+
+
+def test_price_is_formatted_in_the_customers_locale_and_currency(client, shop, redis_url, keys):
+    r = redis.Redis.from_url(redis_url)
+    customers = shop.customers.set_index("customer_id")
+    gb = next(c for c in _buyers(shop, 200) if customers.loc[c, "country"] == "GB")
+    de = next(c for c in _buyers(shop, 200) if customers.loc[c, "country"] == "DE")
+    assert r.get(keys.profile(gb)) is not None
+    gb_body, de_body = _slots(client, "wk48", gb), _slots(client, "wk48", de)
+    assert (gb_body["locale"], gb_body["currency"]) == ("en_GB", "GBP")
+    assert (de_body["locale"], de_body["currency"]) == ("de_DE", "EUR")
+    price = shop.catalog.set_index("item_id")["price"]
+    s = gb_body["slots"][0]
+    assert s["price"] == pytest.approx(round(price[s["item_id"]] * 0.86, 2))
+    assert s["price_formatted"].startswith("£")
+    assert de_body["slots"][0]["price_formatted"].endswith("€")  # '12,99 €'
+
+
+def test_no_item_twice_across_slots_and_the_category_cap_holds(client, shop):
+    category = shop.catalog.set_index("item_id")["category"]
+    for customer in [*_buyers(shop, 15), "nobody-1"]:
+        items = _items(_slots(client, "wk48", customer, slots=8))
+        assert len(items) == len(set(items)) == 8
+        assert max(Counter(category[i] for i in items).values()) <= 2  # email:weekly max_per_category
+
+
+def test_an_item_sold_out_before_the_open_is_replaced_in_its_slot_and_the_rest_stays(client, shop):
+    customer = _buyers(shop, 1)[0]
+    sent = _slots(client, "wk48", customer)
+    gone = sent["slots"][1]["item_id"]
+    r = client.post("/v1/catalog/items", json={"item_id": gone, "stock": 0})
+    assert r.status_code == 200, r.text
+    opened = _slots(client, "wk48", customer)
+    assert opened["decision_id"] == sent["decision_id"]
+    assert opened["slots"][1]["item_id"] != gone
+    assert "replaced_unavailable" in opened["slots"][1]["reasons"]
+    for k in (0, 2, 3):
+        assert opened["slots"][k] == sent["slots"][k]
+    items = _items(opened)
+    assert len(set(items)) == len(items)
+    assert _slots(client, "wk48", customer)["slots"] == opened["slots"]  # the replacement is stored too
+
+
+def test_unknown_recipient_gets_in_stock_bestsellers_with_fallback_and_the_same_on_retry(client, shop):
+    body = _slots(client, "wk48", "never-seen-42")
+    assert body["fallback"] is True and body["fallback_reason"] == "unknown_customer"
+    assert len(_items(body)) == 4
+    stock = shop.catalog.set_index("item_id")["stock"]
+    assert all(stock[i] > 0 for i in _items(body))
+    assert _slots(client, "wk48", "never-seen-42")["slots"] == body["slots"]
+
+
+def test_customer_without_personalisation_consent_gets_bestsellers(client, shop):
+    customer = _buyers(shop, 1)[0]
+    change = {"channels": {"personalization": False}, "source": "preference_center"}
+    r = client.put(f"/v1/customers/{customer}/consent", json=change)
+    assert r.status_code == 200, r.text
+    body = _slots(client, "wk50", customer)
+    assert body["fallback"] is True and body["fallback_reason"] == "no_personalization_consent"
+    assert len(_items(body)) == 4
+
+
+def test_with_redis_stopped_email_slots_are_bestsellers_with_200(tmp_path, shop_dir, registry_root, shop):
+    server = EmbeddedRedis(tmp_path / "own-redis").start()
+    keys = Keys("nb")
+    load_shop(server.url, keys, shop_dir)
+    app = create_app(_settings(registry_root, keys, breaker_reset_s=0.2), redis_url=server.url)
+    customer = _buyers(shop, 1)[0]
+    try:
+        with TestClient(app) as c:
+            assert _slots(c, "wk48", customer)["fallback"] is False
+            server.stop()
+            for fmt in ("json", "html", "json"):
+                r = c.get(f"/v1/email/slots/wk48/{customer}", params={"format": fmt})
+                assert r.status_code == 200
+                if fmt == "json":
+                    body = r.json()
+                    assert body["fallback"] is True and body["source"] == "fallback"
+                    assert body["fallback_reason"] in {"redis_unavailable", "redis_circuit_open"}
+                    assert len(_items(body)) == 4
+                else:
+                    assert r.text.count("<td") >= 4
+    finally:
+        server.stop()
+
+
+def test_html_format_is_a_table_with_titles_prices_and_signed_links(client, shop):
+    customer = _buyers(shop, 1)[0]
+    body = _slots(client, "wk48", customer)
+    r = client.get(f"/v1/email/slots/wk48/{customer}", params={"format": "html"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert html.startswith("<table") and html.count("<td") == len(body["slots"])
+    for s in body["slots"]:
+        assert s["click_url"] in html and s["price_formatted"] in html
+
+
+def test_bad_requests_get_422_naming_the_field(client):
+    assert client.get("/v1/email/slots/wk48/c1", params={"placement": "nope"}).json()["detail"][0]["loc"] == [
+        "query",
+        "placement",
+    ]
+    assert client.get("/v1/email/slots/wk48/c1", params={"slots": 0}).status_code == 422
+    assert client.get("/v1/email/slots/wk48/c1", params={"slots": 99}).json()["detail"][0]["loc"][-1] == "slots"
+    assert client.get("/v1/email/slots/bad campaign/c1").status_code == 422
+
+
+def _token(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def _stream_rewards(redis_url: str, keys: Keys) -> list[dict[str, Any]]:
+    entries: Any = redis.Redis.from_url(redis_url).xrange(keys.log_stream)
+    docs = [orjson.loads(fields[b"e"]) for _, fields in entries]
+    return [d for d in docs if d.get("kind") == "reward"]
+
+
+def test_a_signed_click_is_recorded_once_and_redirects_with_utm(client, shop, redis_url, keys):
+    customer = _buyers(shop, 1)[0]
+    body = _slots(client, "wk48", customer)
+    slot = body["slots"][0]
+    r = client.get(f"/v1/email/click/{_token(slot['click_url'])}", follow_redirects=False)
+    assert r.status_code == 302
+    target = urlsplit(r.headers["location"])
+    query = parse_qs(target.query)
+    assert query["utm_campaign"] == ["wk48"] and query["utm_content"] == ["slot1"]
+    assert query["utm_medium"] == ["email"]
+    item_url = shop.catalog.set_index("item_id").loc[slot["item_id"], "url"]
+    assert r.headers["location"].startswith(item_url)
+    rewards = [w for w in _stream_rewards(redis_url, keys) if w["decision_id"] == body["decision_id"]]
+    assert [(w["action"], w["reward_type"]) for w in rewards] == [(slot["item_id"], "click")]
+    client.get(f"/v1/email/click/{_token(slot['click_url'])}", follow_redirects=False)  # a second click
+    assert len([w for w in _stream_rewards(redis_url, keys) if w["decision_id"] == body["decision_id"]]) == 1
+
+
+def test_tampered_or_expired_links_get_403_and_record_nothing(client, shop, redis_url, keys):
+    customer = _buyers(shop, 1)[0]
+    body = _slots(client, "wk48", customer)
+    token = _token(body["slots"][0]["click_url"])
+    kid, payload, sig = token.split(".")
+    signer = ClickSigner.from_setting(KEYS_SETTING)
+    real = signer.verify(token)
+    forged_payload = signer.sign(ClickToken(real.decision_id, "wk48", 2, "product", "other-item", real.expires_at))
+    tampered = [
+        f"{kid}.{forged_payload.split('.')[1]}.{sig}",  # another slot's payload under this signature
+        f"{kid}.{payload}.{sig[:-2]}AA",
+        f"k9.{payload}.{sig}",
+        "garbage",
+    ]
+    expired = signer.sign(ClickToken(real.decision_id, "wk48", 1, "product", real.target, int(time.time()) - 1))
+    before = len(_stream_rewards(redis_url, keys))
+    for bad in [*tampered, expired]:
+        r = client.get(f"/v1/email/click/{bad}", follow_redirects=False)
+        assert r.status_code == 403, bad
+        assert "invalid link" in r.json()["detail"]
+    assert len(_stream_rewards(redis_url, keys)) == before
+
+
+def test_signing_keys_rotate_with_two_active_keys():
+    old = ClickSigner.from_setting("k1:first-secret-0123456789")
+    token = old.sign(ClickToken("01JDAB4ZK3W8T5N6QXR2C7M9EF", "wk48", 1, "product", "i1", int(time.time()) + 60))
+    rotated = ClickSigner.from_setting("k2:second-secret-0123456789,k1:first-secret-0123456789")
+    assert rotated.verify(token).target == "i1"  # old links keep working during the rotation
+    assert rotated.sign(rotated.verify(token)).startswith("k2.")  # new links use the new key
+    with pytest.raises(InvalidTokenError, match="not active"):
+        ClickSigner.from_setting("k2:second-secret-0123456789").verify(token)
+
+
+def test_signing_keys_setting_errors_name_the_entry():
+    twice = "k1:aaaaaaaaaaaaaaaa,k1:bbbbbbbbbbbbbbbb"
+    cases = [("nocolon", r"entry 1"), ("k1:short", r"entry 1 \(k1\)"), (twice, "twice")]
+    for bad, words in cases:
+        with pytest.raises(ValueError, match=words):
+            ClickSigner.from_setting(bad)
+
+
+def test_concurrent_first_calls_on_two_servers_store_one_content(
+    redis_url, keys, shop_dir, trained, tmp_path, shop, monkeypatch
+):
+    monkeypatch.setenv("NEXTBEST_REDIS_TIMEOUT_MS", "2000")  # a slow CI machine must not turn this into fallbacks
+    load_shop(redis_url, keys, shop_dir)
+    started = [_serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1) for n in range(2)]
+    customers = _buyers(shop, 10)
+    try:
+        bases = [base for _, base in started]
+
+        def call(job: tuple[str, str]) -> dict[str, Any]:
+            base, customer = job
+            with httpx.Client(base_url=base, timeout=10) as c:
+                return _slots(c, "race", customer)
+
+        jobs = [(bases[n % 2], c) for c in customers for n in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, jobs))
+        by_customer: dict[str, set[str]] = {}
+        for (_, customer), body in zip(jobs, answers, strict=True):
+            by_customer.setdefault(customer, set()).add(orjson.dumps(body["slots"]).decode())
+        assert all(len(v) == 1 for v in by_customer.values()), [v for v in by_customer.values() if len(v) > 1][:1]
+        decided = Counter(body["source"] for body in answers)
+        assert decided["decided"] >= len(customers)  # exactly one per customer logged its decision...
+        entries: Any = redis.Redis.from_url(redis_url).xrange(keys.log_stream)
+        logged = [orjson.loads(f[b"e"]) for _, f in entries]
+        email_decisions = [d for d in logged if d.get("placement") == "email:weekly" and d.get("kind") == "decision"]
+        ids = {body["decision_id"] for body in answers}
+        assert len(ids) == len(customers)
+        assert {d["decision_id"] for d in email_decisions} == ids  # ...and the losers logged nothing
+    finally:
+        for proc, _ in started:
+            _stop(proc)
+
+
+def _batch(client: TestClient, campaign: str, recipients: list[Any], **kw: Any) -> list[dict[str, Any]]:
+    r = client.post("/v1/email/slots:batch", json={"campaign_id": campaign, "recipients": recipients, **kw})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    return [orjson.loads(line) for line in r.content.splitlines()]
+
+
+def test_batch_lines_equal_the_single_calls_and_a_bad_entry_is_reported_in_its_line(client, shop):
+    customers = _buyers(shop, 30)
+    recipients: list[Any] = [*customers[:10], {"customer_id": customers[10]}, "bad id", 7, *customers[11:], "new-1"]
+    lines = _batch(client, "pre", recipients)
+    assert [line["index"] for line in lines] == list(range(len(recipients)))
+    assert lines[11]["error"].startswith("recipients[11]") and lines[12]["error"].startswith("recipients[12]")
+    assert lines[11]["content"] is None
+    for line in lines:
+        if line["error"] is None:
+            single = _slots(client, "pre", line["customer_id"])
+            assert single["source"] == "stored"
+            assert single["decision_id"] == line["content"]["decision_id"]
+            assert single["slots"] == line["content"]["slots"]
+    # Calling the batch again reads back what it stored.
+    again = _batch(client, "pre", customers[:5])
+    assert all(line["content"]["source"] == "stored" for line in again)
+
+
+def test_a_bad_batch_body_is_422_and_stores_nothing(client, redis_url, keys):
+    r = client.post("/v1/email/slots:batch", json={"campaign_id": "x y", "recipients": ["c1"]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "campaign_id"]
+    r = client.post("/v1/email/slots:batch", json={"campaign_id": "ok", "recipients": ["c1"], "placement": "nope"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "placement"]
+    assert not redis.Redis.from_url(redis_url).keys(f"{keys.prefix}:*:email:*")
+
+
+@pytest.fixture
+def offer_client(redis_url, keys, shop_dir, registry_root, tmp_path) -> Iterator[TestClient]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(OFFER_RULES, encoding="utf-8")
+    load_shop(redis_url, keys, shop_dir)
+    with TestClient(create_app(_settings(registry_root, keys, rules_file=rules), redis_url=redis_url)) as c:
+        yield c
+
+
+def test_offer_slots_follow_the_email_channel_cap_and_consent(offer_client, shop, redis_url, keys):
+    customers = shop.customers.set_index("customer_id")
+    buyers = _buyers(shop, 100)
+    consenting = next(c for c in buyers if bool(customers.loc[c, "consent_email"]))
+    refusing = next(c for c in buyers if not bool(customers.loc[c, "consent_email"]))
+    first = _slots(offer_client, "a", consenting)
+    offers = [s for s in first["slots"] if s["type"] == "offer"]
+    assert [o["offer_id"] for o in offers] == ["weekly_deal"] and offers[0]["title"] == "10 % off this week"
+    # Channel cap 1 per 7 days on email: the next campaign has no offer slot; the first keeps its own.
+    assert not [s for s in _slots(offer_client, "b", consenting)["slots"] if s["type"] == "offer"]
+    assert _slots(offer_client, "a", consenting)["slots"] == first["slots"]
+    assert not [s for s in _slots(offer_client, "a", refusing)["slots"] if s["type"] == "offer"]
+    # A click on the offer slot lands on the offer's page and rewards the offers' decision.
+    r = offer_client.get(f"/v1/email/click/{_token(offers[0]['click_url'])}", follow_redirects=False)
+    assert r.status_code == 302 and r.headers["location"].startswith("https://shop.example.com/deals?")
+    rewards = _stream_rewards(redis_url, keys)
+    assert any(w["action"] == "weekly_deal" for w in rewards)
+
+
+def test_erasure_deletes_stored_email_content(client, shop, redis_url, keys):
+    customer = _buyers(shop, 1)[0]
+    _slots(client, "wk48", customer)
+    _slots(client, "wk49", customer)
+    r = client.delete(f"/v1/customers/{customer}")
+    assert r.status_code == 200 and "email_content" in r.json()["erased"]
+    assert not redis.Redis.from_url(redis_url).keys(f"{keys.prefix}:{{c:{customer}}}:*")
