@@ -1,0 +1,199 @@
+"""`nextbest bench recs`: metrics against hand-computed cases, bootstrap intervals, the time split, input
+validation and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from benchmarks.public_data import MOVIELENS_100K, cache_dir
+from benchmarks.rec_data import RecData, _frame, cut_time, load_interactions, time_split
+from benchmarks.rec_metrics import Bootstrap, catalog_coverage, per_user, recommended_matrix
+from benchmarks.rec_models import ModelParams, fit_models, item_cosine
+from benchmarks.recs import RecsParams, evaluate_split, run_recs_bench
+from training.datafiles import DataError
+
+DAY = 86_400
+
+
+def _interactions(rows: list[tuple[str, str, int]]) -> RecData:
+    users, items, ts = zip(*rows, strict=True)
+    n = len(rows)
+    return RecData("t", _frame(users, items, ["interaction"] * n, ts, np.ones(n), np.ones(n, dtype=bool)), False, "x")
+
+
+def test_recall_ndcg_and_hit_match_hand_computed_values() -> None:
+    lists = [["a", "b", "c"], ["d", "e", "f"]]
+    truths = [{"a", "c", "x", "y"}, {"z"}]
+    at2 = per_user(lists, truths, 2)
+    at3 = per_user(lists, truths, 3)
+    assert at2["recall"].tolist() == [0.25, 0.0]
+    assert at3["recall"].tolist() == [0.5, 0.0]
+    # DCG@2 = 1/log2(2) (hit at rank 1); ideal DCG@2 with 4 truth items = 1 + 1/log2(3).
+    assert at2["ndcg"][0] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    # DCG@3 = 1 + 1/log2(4); ideal DCG@3 = 1 + 1/log2(3) + 1/log2(4).
+    assert at3["ndcg"][0] == pytest.approx(1.5 / (1 + 1 / math.log2(3) + 0.5))
+    assert at2["ndcg"][1] == 0.0
+    assert at3["hit"].tolist() == [1.0, 0.0]
+
+
+def test_ndcg_is_one_when_all_truth_items_lead_the_list() -> None:
+    assert per_user([["b", "a", "c"]], [{"a", "b"}], 3)["ndcg"][0] == pytest.approx(1.0)
+
+
+def test_catalog_coverage_counts_distinct_items_in_the_top_k() -> None:
+    lists = [["a", "b"], ["b", "c"]]
+    assert catalog_coverage(lists, 1, 4) == 0.5
+    assert catalog_coverage(lists, 2, 4) == 0.75
+    matrix = recommended_matrix(lists, 2, ["a", "b", "c", "d"])
+    assert Bootstrap(2, 50, seed=1).coverage(matrix).value == 0.75
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_users() -> None:
+    rng = np.random.default_rng(3)
+    small = (rng.random(100) < 0.3).astype(float)
+    large = (rng.random(10_000) < 0.3).astype(float)
+    a = Bootstrap(len(small), 500, seed=0).mean(small)
+    b = Bootstrap(len(large), 500, seed=0).mean(large)
+    assert a.low <= a.value <= a.high and b.low <= b.value <= b.high
+    assert a.value == pytest.approx(small.mean())
+    assert (b.high - b.low) < (a.high - a.low) / 5  # ~ 1/sqrt(100): 10× narrower in theory
+
+
+def test_bootstrap_is_reproducible_with_its_seed() -> None:
+    values = np.random.default_rng(0).random(300)
+    assert Bootstrap(300, 200, seed=7).mean(values) == Bootstrap(300, 200, seed=7).mean(values)
+    assert Bootstrap(300, 200, seed=7).mean(values) != Bootstrap(300, 200, seed=8).mean(values)
+
+
+def test_coverage_interval_contains_the_estimate_even_when_every_user_gets_the_same_list() -> None:
+    rng = np.random.default_rng(0)
+    varied = [[f"i{j}" for j in rng.choice(50, 5, replace=False)] for _ in range(40)]
+    same = [["i1", "i2", "i3"]] * 40
+    catalog = [f"i{j}" for j in range(50)]
+    for lists in (varied, same):
+        est = Bootstrap(40, 300, seed=0).coverage(recommended_matrix(lists, 5, catalog))
+        assert est.low <= est.value <= est.high
+    assert Bootstrap(40, 300, seed=0).coverage(recommended_matrix(same, 5, catalog)).value == 3 / 50
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(0, 10_000), min_size=4, max_size=200),
+    st.floats(0.05, 0.95),
+)
+def test_time_split_puts_every_interaction_before_the_cut_in_train_and_none_after(
+    times: list[int], fraction: float
+) -> None:
+    data = _interactions([(f"u{t % 7}", f"i{t % 11}", t) for t in times])
+    cut = cut_time(data.frame, None, fraction)
+    try:
+        split = time_split(data.frame, cut)
+    except ValueError:
+        assert (data.frame["timestamp"] < cut).all() or (data.frame["timestamp"] >= cut).all()
+        return
+    assert (split.train["timestamp"] < cut).all()
+    assert (split.test["timestamp"] >= cut).all()
+    assert len(split.train) + len(split.test) == len(data.frame)
+
+
+def test_models_fit_on_the_split_never_see_a_test_interaction() -> None:
+    rows = [(f"u{u}", f"i{(u + j) % 30}", j * DAY + u) for u in range(20) for j in range(10)]
+    rows += [(f"u{u}", "late_item", 20 * DAY + u) for u in range(20)]  # exists only after the cut
+    data = _interactions(rows)
+    split = time_split(data.frame, cut_time(data.frame, 5.0, None))
+    models = fit_models(data, split, ModelParams())
+    assert "late_item" not in set(models.items.tolist()) | set(models.popular)
+    assert all("late_item" not in seen for seen in models.seen.values())
+    assert len(split.train) == 200 and models.als.matrix.nnz == 200
+    assert models.als.matrix.shape == (20, split.train["item_id"].nunique())
+
+
+def test_item_cosine_is_co_occurrence_over_the_root_of_both_counts() -> None:
+    train = _interactions(
+        [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 3), ("u2", "b", 4), ("u3", "a", 5), ("u3", "c", 6)]
+    )
+    sim = item_cosine(train.frame, np.array(["a", "b", "c"]), neighbours=10).toarray()
+    assert sim[0, 1] == pytest.approx(2 / math.sqrt(3 * 2))
+    assert sim[0, 2] == pytest.approx(1 / math.sqrt(3 * 1))
+    assert sim[1, 2] == 0 and sim[0, 0] == 0
+
+
+def test_repeat_baseline_is_reported_as_inapplicable_when_test_items_never_repeat() -> None:
+    rows = [(f"u{u}", f"i{(u * 3 + j) % 40}", j * DAY + u) for u in range(30) for j in range(12)]
+    data = _interactions(rows)
+    split = time_split(data.frame, cut_time(data.frame, None, 0.25))
+    params = RecsParams(resamples=50)
+    results = {p.key: p for p in evaluate_split(data, split, fit_models(data, split, params.models), params)}
+    assert results["new"].users > 0 and "own most-frequent" not in results["new"].estimates
+    assert results["repeat"].estimates == {}
+    assert "0 of" in results["repeat"].notes[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("user_id,item_id,timestamp\nu1,i1,1700000000\nu2,,1700000001\n", 3, "item_id"),
+        ("user_id,item_id,timestamp\nu1,i1,1700000000\nu2,i2,yesterday\n", 3, "timestamp"),
+        ("user_id,item_id,timestamp,weight\nu1,i1,1700000000,1\nu1,i2,1700000001,-2\n", 3, "weight"),
+        ("user_id,item_id,timestamp\nu1,i1\n", 2, "timestamp"),
+        ("user_id,item_id\nu1,i1\n", 1, "timestamp"),
+        ("user_id,item_id,timestamp,wieght\nu1,i1,1,1\n", 1, "wieght"),
+        ("user_id,item_id,timestamp\nu 1,i1,1700000000\n", 2, "user_id"),
+    ],
+)
+def test_bad_interactions_file_is_rejected_naming_file_line_and_column(
+    tmp_path: Path, text: str, line: int, column: str
+) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_interactions(path)
+    assert (err.value.file, err.value.line, err.value.column) == (path, line, column)
+    assert str(path) in str(err.value) and f"line {line}" in str(err.value)
+
+
+def test_interactions_file_accepts_unix_seconds_and_iso_timestamps(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text("user_id,item_id,timestamp,weight\nu1,i1,86400,2\nu2,i2,1970-01-03T00:00:00Z,0.5\n")
+    frame = load_interactions(path).frame
+    assert frame["timestamp"].tolist() == [86_400, 2 * 86_400]
+    assert frame["weight"].tolist() == [2.0, 0.5]
+
+
+def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEXTBEST_DATA_DIR", str(tmp_path / "var"))
+    out = tmp_path / "reports"
+    path = run_recs_bench(Console(quiet=True), quick=True, out_dir=out, dataset="synthetic", seed=1)
+    text = path.read_text(encoding="utf-8")
+    assert path == out / "recs.md" and (out / "recs_synthetic_shop_at10.png").stat().st_size > 10_000
+    assert "synthetic events" in text and "ALS minus baseline" in text
+    results = json.loads((out / "recs_results.json").read_text())
+    (shop,) = results.values()
+    als = shop["protocols"]["new"]["metrics"]["ALS"]["10"]["recall"]
+    assert als["low"] <= als["value"] <= als["high"]
+    assert set(shop["protocols"]["repeat"]["metrics"]) == {"ALS", "item-to-item", "popularity", "own most-frequent"}
+    assert json.loads((out / "recs.json").read_text())["datasets"][0]["sha256"]
+
+
+@pytest.mark.skipif(
+    not (cache_dir() / MOVIELENS_100K.package / MOVIELENS_100K.version).exists(),
+    reason="MovieLens 100K is not in the local dataset cache (nextbest bench recs --dataset movielens fetches it)",
+)
+def test_quick_run_on_movielens_skips_the_repeat_protocol_honestly(tmp_path: Path) -> None:
+    run_recs_bench(Console(quiet=True), quick=True, out_dir=tmp_path, dataset="movielens")
+    (ml,) = json.loads((tmp_path / "recs_results.json").read_text()).values()
+    assert ml["protocols"]["repeat"]["metrics"] == {}
+    assert "0 of" in ml["protocols"]["repeat"]["notes"][0]
+    assert ml["protocols"]["new"]["users"] > 50
+    assert pd.notna(ml["protocols"]["new"]["metrics"]["ALS"]["10"]["ndcg"]["value"])
