@@ -272,26 +272,38 @@ app.add_typer(bench_app, name="bench")
 Quick = Annotated[bool, typer.Option(help="a small, CI-sized run")]
 OutDir = Annotated[Path, typer.Option(help="where reports go")]
 # Benchmarks that define their own commands: each module has `register(bench_app, console)`.
-_BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs",)
+_BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs", "benchmarks.ltv")
 
 
 @bench_app.command("latency")
 def bench_latency(
     quick: Quick = False,
     out: OutDir = Path("benchmarks/reports"),
-    endpoint: Annotated[str, typer.Option(help="recommendations | offers")] = "recommendations",
+    endpoint: Annotated[str, typer.Option(help="recommendations | offers | email")] = "recommendations",
 ) -> None:
     """Serving latency at fixed arrival rates and the maximum sustained rate."""
     if endpoint == "offers":
         from benchmarks.offers import run_offers_bench
 
         run_offers_bench(console, quick=quick, out_dir=out)
+    elif endpoint == "email":
+        from benchmarks.email import run_email_latency_bench
+
+        run_email_latency_bench(console, quick=quick, out_dir=out)
     elif endpoint == "recommendations":
         from benchmarks.latency import run_latency_bench
 
         run_latency_bench(console, quick=quick, out_dir=out)
     else:
-        raise _fail(f"unknown endpoint {endpoint!r}; available: recommendations, offers")
+        raise _fail(f"unknown endpoint {endpoint!r}; available: recommendations, offers, email")
+
+
+@bench_app.command("email-batch")
+def bench_email_batch(quick: Quick = False, out: OutDir = Path("benchmarks/reports")) -> None:
+    """Email pre-send batch: recipients per second for 100k recipients, decided then read back."""
+    from benchmarks.email import run_email_batch_bench
+
+    run_email_batch_bench(console, quick=quick, out_dir=out)
 
 
 @bench_app.command("ingest")

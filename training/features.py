@@ -172,6 +172,7 @@ def training_examples(
     as_of_dates: Sequence[datetime | int],
     *,
     memory_limit: str = "2GB",
+    label_window_days: int = LABEL_WINDOW_DAYS,
 ) -> pd.DataFrame:
     """`customer_features` at each as-of date plus labels from the events in the window after it.
 
@@ -179,19 +180,25 @@ def training_examples(
     no purchase in the 90 days), value_next_90d (spend) and email_click_next_30d (0/1). A date whose
     90-day window does not end by the last event is refused with a ValueError naming it, because its
     labels would read "no purchase" where the data simply stops. Rows are sorted by as_of, customer_id.
+
+    `label_window_days` (≥ 30) replaces the 90 days of churned_next_90d and value_next_90d, and of the
+    refusal, for a caller predicting another horizon (the columns keep their names).
     """
+    if label_window_days < 30:
+        raise ValueError(f"label_window_days must be >= 30 (the 30-day labels lie inside it), got {label_window_days}")
+    window = label_window_days
     dates = sorted({_unix(d) for d in as_of_dates})
     with _shop(Path(data_dir), memory_limit) as con:
         last = con.execute("SELECT max(ts) FROM events_v").fetchone()
         last_ts = None if last is None else last[0]
         for t in dates:
-            if last_ts is None or t + LABEL_WINDOW_DAYS * SECONDS_PER_DAY > last_ts:
+            if last_ts is None or t + window * SECONDS_PER_DAY > last_ts:
                 seen = "there are no events" if last_ts is None else f"the last event is at {_iso(last_ts)}"
                 raise ValueError(
-                    f"as-of date {_iso(t)}: its {LABEL_WINDOW_DAYS}-day label window runs to "
-                    f"{_iso(t + LABEL_WINDOW_DAYS * SECONDS_PER_DAY)} but {seen}"
+                    f"as-of date {_iso(t)}: its {window}-day label window runs to "
+                    f"{_iso(t + window * SECONDS_PER_DAY)} but {seen}"
                 )
-        frames = [_run(con, _examples_sql(t), Path(data_dir)) for t in dates]
+        frames = [_run(con, _examples_sql(t, window), Path(data_dir)) for t in dates]
     if not frames:
         columns = ["customer_id", "as_of", *FEATURE_COLUMNS, *SCORE_COLUMNS, "segment", "top_category"]
         return pd.DataFrame(columns=[*columns, *LABEL_COLUMNS])
@@ -419,8 +426,8 @@ def _feature_expressions(as_of: int) -> str:
     return ", ".join(f"CAST({special.get(c, f'coalesce({c}, 0)')} AS DOUBLE) AS {c}" for c in FEATURE_COLUMNS)
 
 
-def _examples_sql(as_of: int) -> str:
-    end30, end90 = as_of + 30 * SECONDS_PER_DAY, as_of + LABEL_WINDOW_DAYS * SECONDS_PER_DAY
+def _examples_sql(as_of: int, window_days: int = LABEL_WINDOW_DAYS) -> str:
+    end30, end90 = as_of + 30 * SECONDS_PER_DAY, as_of + window_days * SECONDS_PER_DAY
     return f"""
     WITH
     features AS ({_features_sql(as_of)}),
