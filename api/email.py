@@ -18,11 +18,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from api import metrics
-from api.offers import OfferAnswer, OfferPlan, OfferRequest, cap_candidates, log_offers, plan_offers, settle
+from api.offers import (
+    OfferAnswer,
+    OfferPlan,
+    OfferRequest,
+    cap_candidates,
+    offers_decision,
+    plan_offers,
+    propensities_many,
+    settle,
+)
 from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable
 from engine.pipeline import Request, recommend
 from engine.state import ServingState
-from engine.types import Context, Decision, Profile, ShownItem
+from engine.types import Context, Decision, Profile
 from feature_store.caps import Reservation, reserve_many
 from feature_store.email_store import EmailRead, EmailStore, profile_of
 from feature_store.profiles import ProfileDecodeError
@@ -57,6 +66,9 @@ class EmailSlots:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.store = EmailStore(runtime.store.client, runtime.keys)
+        # A batch is not waited on by an inbox: its round trips carry 256 recipients and get the patient
+        # budget of writes, not the request path's few milliseconds.
+        self.batch_store = EmailStore(runtime.ingest_client, runtime.keys)
 
     # ---- single call --------------------------------------------------------------------------------
     async def slots(self, req: SlotsRequest) -> EmailAnswer:
@@ -81,7 +93,7 @@ class EmailSlots:
             answer = await self._read_back(state, req, read.stored, profile)
             if answer is not None:
                 return answer
-        content, offers = await self._decide(state, req, profile, reason)
+        decision, content, offers = await self._decide(state, req, profile, reason)
         try:
             existing = await self.store.store_first(
                 req.customer_id, req.campaign_id, content.to_bytes(), state.rules.email.content_ttl
@@ -92,7 +104,7 @@ class EmailSlots:
         if existing is not None:
             metrics.EMAIL_SLOTS.labels("race_lost").inc()
             return EmailAnswer(EmailContent.from_bytes(existing), "stored", country)
-        await self._log(state, content, offers, req, profile)
+        await self.runtime.log_decisions(self._log_records(state, decision, offers, req, profile))
         metrics.EMAIL_SLOTS.labels("decided").inc()
         return EmailAnswer(content, "decided", country)
 
@@ -112,7 +124,7 @@ class EmailSlots:
         if not rt.breaker.allow():
             return [self._fallback(state, r, "redis_circuit_open", None) for r in reqs]
         try:
-            reads = await self.store.read_many([r.customer_id for r in reqs], campaign)
+            reads = await self.batch_store.read_many([r.customer_id for r in reqs], campaign)
         except StoreUnavailableError as exc:
             rt.store_failed("email", exc)
             return [self._fallback(state, r, "redis_unavailable", None) for r in reqs]
@@ -120,8 +132,12 @@ class EmailSlots:
         state = rt.state or state
         answers: list[EmailAnswer | None] = [None] * len(reqs)
         fresh: list[tuple[int, Decision, Profile | None, OfferRequest | None, OfferPlan | None]] = []
+        profiles = [self._profile(req.customer_id, read) for req, read in zip(reqs, reads, strict=True)]
+        # One campaign, one placement: score every recipient's offers in one model run per model.
+        wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
+        scores = propensities_many(rt, [p for p, _ in profiles]) if wants_offers else [None] * len(reqs)
         for j, (req, read) in enumerate(zip(reqs, reads, strict=True)):
-            profile, reason = self._profile(req.customer_id, read)
+            profile, reason = profiles[j]
             if read.stored is not None:
                 answers[j] = await self._read_back(state, req, read.stored, profile)
                 if answers[j] is not None:
@@ -130,37 +146,39 @@ class EmailSlots:
             n_offers = state.rules.placement(req.placement).offer_slots
             if n_offers and state.rules.offers:
                 wanted = OfferRequest(req.customer_id, "email", n_offers)
-                fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason)))
+                fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason, scores[j])))
             else:
                 fresh.append((j, decision, profile, None, None))
         to_reserve = [(o, p) for _, _, _, o, p in fresh if o is not None and p is not None and p.ranked]
         reservations = iter(await _reserve_plans(rt, to_reserve) if to_reserve else [])
-        contents: list[tuple[int, EmailContent, OfferAnswer | None, Profile | None]] = []
+        contents: list[tuple[int, Decision, EmailContent, OfferAnswer | None, Profile | None]] = []
         for j, decision, profile, offer_req, plan in fresh:
             offers = None
             if offer_req is not None and plan is not None:
                 reservation = next(reservations) if plan.ranked else Reservation(granted=(), refused={})
                 offers = settle(plan, offer_req, reservation)
-            contents.append((j, self._content(reqs[j], decision, offers), offers, profile))
+            contents.append((j, decision, self._content(reqs[j], decision, offers), offers, profile))
         ttl = state.rules.email.content_ttl
         try:
-            existing = await self.store.store_first_many(
-                [(reqs[j].customer_id, campaign, c.to_bytes(), ttl) for j, c, _, _ in contents]
+            existing = await self.batch_store.store_first_many(
+                [(reqs[j].customer_id, campaign, c.to_bytes(), ttl) for j, _, c, _, _ in contents]
             )
         except StoreUnavailableError as exc:
             rt.store_failed("email", exc)
-            for j, _, _, _ in contents:
+            for j, *_ in contents:
                 answers[j] = self._fallback(state, reqs[j], "redis_unavailable", None)
             return [a for a in answers if a is not None]
-        for (j, content, offers, profile), other in zip(contents, existing, strict=True):
+        records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
+        for (j, decision, content, offers, profile), other in zip(contents, existing, strict=True):
             country = profile.country if profile else None
             if other is not None:
                 metrics.EMAIL_SLOTS.labels("race_lost").inc()
                 answers[j] = EmailAnswer(EmailContent.from_bytes(other), "stored", country)
                 continue
-            await self._log(state, content, offers, reqs[j], profile)
+            records += self._log_records(state, decision, offers, reqs[j], profile)
             metrics.EMAIL_SLOTS.labels("decided").inc()
             answers[j] = EmailAnswer(content, "decided", country)
+        await rt.log_decisions(records)
         return [a for a in answers if a is not None]
 
     def _recommend(
@@ -210,7 +228,7 @@ class EmailSlots:
 
     async def _decide(
         self, state: ServingState, req: SlotsRequest, profile: Profile | None, reason: str | None
-    ) -> tuple[EmailContent, OfferAnswer | None]:
+    ) -> tuple[Decision, EmailContent, OfferAnswer | None]:
         rt = self.runtime
         decision = self._recommend(state, req, profile, reason)
         offers = None
@@ -218,45 +236,31 @@ class EmailSlots:
         if n_offers and state.rules.offers:
             offer_req = OfferRequest(req.customer_id, "email", n_offers)
             offers = await _offers_for(rt, offer_req, profile, reason)
-        return self._content(req, decision, offers), offers
+        return decision, self._content(req, decision, offers), offers
 
     def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None) -> EmailContent:
         chosen = [(o.offer_id, o.priority_class) for o in offers.offers] if offers else []
         return content_from_decision(req.campaign_id, decision, chosen, offers.decision_id if offers else None)
 
-    async def _log(
+    def _log_records(
         self,
         state: ServingState,
-        content: EmailContent,
+        decision: Decision,
         offers: OfferAnswer | None,
         req: SlotsRequest,
         profile: Profile | None,
-    ) -> None:
-        rt = self.runtime
-        if not rt.settings.decision_log:
-            return
+    ) -> list[tuple[Decision, Context, Profile | None, str, int | None]]:
+        """What the decision log gets for a stored content: the products' decision and the offers' one."""
+        if not self.runtime.settings.decision_log:
+            return []
         window = state.rules.email.click_ttl
-        decision = Decision(
-            decision_id=content.decision_id,
-            placement=content.placement,
-            customer_id=req.customer_id,
-            model_version=content.model_version,
-            items=tuple(ShownItem(s.item_id, s.position, s.score, s.reasons, s.propensity) for s in content.products),
-            fallback=content.fallback,
-            fallback_reason=content.fallback_reason,
-            policy=self._policy(state, req.placement),
-            policy_params=self._params(state, req.placement),
-        )
-        await rt.log_decision(decision, Context(), profile, "email", window)
-        if offers is not None and offers.offers:
-            await log_offers(rt, offers, OfferRequest(req.customer_id, "email", len(offers.offers)), profile, window)
-
-    def _policy(self, state: ServingState, placement: str) -> str:
-        return state.rules.placement(placement).exploration.policy if self.runtime.settings.exploration else "greedy"
-
-    def _params(self, state: ServingState, placement: str) -> tuple[tuple[str, float], ...]:
-        spec = state.rules.placement(placement).exploration
-        return tuple(spec.params().items()) if self.runtime.settings.exploration else (("pool", 30),)
+        out: list[tuple[Decision, Context, Profile | None, str, int | None]] = [
+            (decision, Context(), profile, "email", window)
+        ]
+        if offers is not None and offers.offers and not offers.fallback:
+            offer_req = OfferRequest(req.customer_id, "email", len(offers.offers))
+            out.append((offers_decision(offers, offer_req, self.runtime), Context(), profile, "email", window))
+        return out
 
     def _fallback(self, state: ServingState, req: SlotsRequest, reason: str, country: str | None) -> EmailAnswer:
         """Bestsellers in stock, decided without the store (deterministic, so retries agree), not stored."""

@@ -54,14 +54,31 @@ def _candidate(offer_id: str, offer: Offer, channel: str) -> Candidate:
     return Candidate(offer_id, caps, offer.suppress_after)
 
 
-def _customer(runtime: Runtime, customer_id: str, profile: Profile | None) -> Customer:
+def _customer(
+    runtime: Runtime, customer_id: str, profile: Profile | None, scores: dict[str, float] | None = None
+) -> Customer:
     if profile is None:
         return Customer(customer_id)
-    scores: dict[str, float] = {}
-    models = runtime.model.propensity if runtime.model is not None else None
-    if models is not None and len(profile.features) == len(models.feature_names):
-        scores = models.predict(profile.features)
+    if scores is None:
+        scores = {}
+        models = runtime.model.propensity if runtime.model is not None else None
+        if models is not None and len(profile.features) == len(models.feature_names):
+            scores = models.predict(profile.features)
     return Customer(customer_id, profile.segment, profile.country, profile.consents, scores)
+
+
+def propensities_many(runtime: Runtime, profiles: list[Profile | None]) -> list[dict[str, float] | None]:
+    """Model scores for many customers at once (None where `_customer` would score alone or not at all)."""
+    models = runtime.model.propensity if runtime.model is not None else None
+    if models is None:
+        return [None] * len(profiles)
+    n = len(models.feature_names)
+    rows = [k for k, p in enumerate(profiles) if p is not None and len(p.features) == n]
+    out: list[dict[str, float] | None] = [None] * len(profiles)
+    scored = models.predict_rows([profiles[k].features for k in rows])  # type: ignore[union-attr]
+    for k, scores in zip(rows, scored, strict=True):
+        out[k] = scores
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +95,19 @@ class OfferPlan:
     reason: str | None
 
 
-def plan_offers(runtime: Runtime, req: OfferRequest, profile: Profile | None, reason: str | None) -> OfferPlan:
-    """Propensities, arbitration, the global and per-offer holdouts: pure, given the profile read."""
+def plan_offers(
+    runtime: Runtime,
+    req: OfferRequest,
+    profile: Profile | None,
+    reason: str | None,
+    scores: dict[str, float] | None = None,
+) -> OfferPlan:
+    """Propensities, arbitration, the global and per-offer holdouts: pure, given the profile read
+    (and the model scores, when the caller scored a batch of customers at once)."""
     rules = runtime.rules
     offers, settings = rules.offers, rules.offer_settings
     store_down = reason in ("redis_unavailable", "redis_circuit_open")
-    customer = _customer(runtime, req.customer_id, profile)
+    customer = _customer(runtime, req.customer_id, profile, scores)
     now = dt.datetime.now(dt.UTC)
     ranked, refused = arbitrate(offers, settings, customer, req.channel, req.context, now=now, catalog=runtime.catalog)
     holdout = settings.holdout_share > 0 and in_holdout(
@@ -173,7 +197,7 @@ async def log_offers(
 ) -> None:
     if runtime.settings.decision_log and not answer.fallback:
         await runtime.log_decision(
-            _as_decision(answer, req, runtime), req.context, profile, req.channel, feedback_window_s
+            offers_decision(answer, req, runtime), req.context, profile, req.channel, feedback_window_s
         )
 
 
@@ -197,7 +221,7 @@ async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer
         return None
 
 
-def _as_decision(answer: OfferAnswer, req: OfferRequest, runtime: Runtime) -> Decision:
+def offers_decision(answer: OfferAnswer, req: OfferRequest, runtime: Runtime) -> Decision:
     """The answer in the decision log's terms: one action per offer (offers are ranked, not explored)."""
     items = tuple(
         ShownItem(item_id=r.offer_id, position=pos, score=round(r.priority, 6), reasons=(r.priority_class,))

@@ -378,35 +378,48 @@ class Runtime:
         feedback_window_s: int | None = None,
     ) -> None:
         """Put the decision on the log's connection before answering, so feedback on it cannot overtake it."""
-        entry = decision_entry(
-            decision,
-            pseudonym=profile.pseudonym if profile else None,
-            channel=channel,
-            config_version=self.config_version,
-            context=context,
-            ts_ms=int(time.time() * 1000),
-        )
-        track = decision.placement in self.arms
-        if track:
-            self._impressions[decision.placement].update(i.item_id for i in decision.items)
+        await self.log_decisions([(decision, context, profile, channel, feedback_window_s)])
+
+    async def log_decisions(self, decisions: list[tuple[Decision, Context, Profile | None, str, int | None]]) -> None:
+        """`log_decision` for several decisions in one write (the email batch logs a chunk at once)."""
+        if not decisions:
+            return
+        ts_ms = int(time.time() * 1000)
+        records = []
+        for decision, context, profile, channel, window in decisions:
+            entry = decision_entry(
+                decision,
+                pseudonym=profile.pseudonym if profile else None,
+                channel=channel,
+                config_version=self.config_version,
+                context=context,
+                ts_ms=ts_ms,
+            )
+            track = decision.placement in self.arms
+            if track:
+                self._impressions[decision.placement].update(i.item_id for i in decision.items)
+            records.append((decision, entry, track, window))
         try:
-            replies = await self.decision_log.record(decision, entry, track_arms=track, window_s=feedback_window_s)
+            replies = await self.decision_log.record_many(records)
         except (RespError, RespConnectionError, OSError) as exc:
-            self._log_write_failed(decision, exc)
+            for decision, *_ in decisions:
+                self._log_write_failed(decision, exc)
             return
         # Written before the answer goes out; the replies are checked off the request path.
-        task = asyncio.create_task(self._check_log_write(decision, replies))
+        logged = [d for d, *_ in decisions]
+        task = asyncio.create_task(self._check_log_write(logged, replies))
         self._log_writes.add(task)
         task.add_done_callback(self._log_writes.discard)
 
-    async def _check_log_write(self, decision: Decision, replies: Coroutine[Any, Any, list[Any]]) -> None:
+    async def _check_log_write(self, decisions: list[Decision], replies: Coroutine[Any, Any, list[Any]]) -> None:
         try:
             await replies
         except TimeoutError:
             # The commands were on the connection, so Redis still runs them: only the reply was late.
             metrics.REDIS_ERRORS.labels("decision_log").inc()
         except (RespError, RespConnectionError, OSError) as exc:
-            self._log_write_failed(decision, exc)
+            for decision in decisions:
+                self._log_write_failed(decision, exc)
 
     def _log_write_failed(self, decision: Decision, exc: Exception) -> None:
         metrics.REDIS_ERRORS.labels("decision_log").inc()

@@ -96,6 +96,16 @@ class PropensityModels:
         x = row.reshape(1, -1)
         return {name: float(model._run(x)[0]) for name, model in self.models.items()}
 
+    def predict_rows(self, rows: Sequence[Sequence[float]]) -> list[dict[str, float]]:
+        """`predict` for many customers with one session run per model (a batch amortises the call cost)."""
+        if not rows:
+            return []
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise ValueError(f"propensity models take rows of {len(self.feature_names)} features, got {x.shape}")
+        columns = {name: model._run(x).tolist() for name, model in self.models.items()}
+        return [{name: float(col[k]) for name, col in columns.items()} for k in range(x.shape[0])]
+
 
 def load_propensity_models(folder: Path) -> PropensityModels | None:
     """The models described by `<folder>/models.json`; None when the folder has no models.json.

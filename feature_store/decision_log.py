@@ -16,7 +16,7 @@ check, the idempotency mark and the appended reward happen together or not at al
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,14 +138,20 @@ class DecisionLog:
         counted by `add_impressions`). `window_s` overrides the feedback window for this decision (an
         email is clicked days after it was decided).
         """
-        shown = [i.item_id for i in decision.items]
-        record = orjson.dumps({"p": decision.placement, "a": shown, "t": int(track_arms)})
-        return await self.client.pipeline_written(
-            [
-                self._xadd(entry),
-                ("SET", self.keys.logged_decision(decision.decision_id), record, "EX", window_s or self.window_s),
-            ]
-        )
+        return await self.record_many([(decision, entry, track_arms, window_s)])
+
+    async def record_many(
+        self, decisions: Sequence[tuple[Decision, bytes, bool, int | None]]
+    ) -> Coroutine[Any, Any, list[Any]]:
+        """`record` for several (decision, entry, track_arms, window_s) in one write (the email batch)."""
+        commands: list[tuple[Arg, ...]] = []
+        for decision, entry, track_arms, window_s in decisions:
+            shown = [i.item_id for i in decision.items]
+            record = orjson.dumps({"p": decision.placement, "a": shown, "t": int(track_arms)})
+            commands.append(self._xadd(entry))
+            key = self.keys.logged_decision(decision.decision_id)
+            commands.append(("SET", key, record, "EX", window_s or self.window_s))
+        return await self.client.pipeline_written(commands)
 
     async def add_impressions(self, counts: Mapping[str, Mapping[str, int]]) -> None:
         """Add impressions per placement and item to the shared bandit state, in one round trip.
