@@ -272,7 +272,7 @@ app.add_typer(bench_app, name="bench")
 Quick = Annotated[bool, typer.Option(help="a small, CI-sized run")]
 OutDir = Annotated[Path, typer.Option(help="where reports go")]
 # Benchmarks that define their own commands: each module has `register(bench_app, console)`.
-_BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs", "benchmarks.ltv")
+_BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs", "benchmarks.ltv", "benchmarks.ope")
 
 
 @bench_app.command("latency")
