@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from api.auth import ApiKeyAuth, parse_keys
 from api.bodies import BodyError, install_openapi
-from api.routes import catalog, customers, email, events, feedback, health, offers, recommendations
+from api.routes import admin, catalog, customers, email, events, feedback, health, offers, recommendations
 from api.runtime import NotReadyError, Runtime
 from api.settings import Settings, get_settings
 
@@ -23,6 +24,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     if url is None:
         raise RuntimeError("REDIS_URL is not set (`nextbest serve` starts the embedded Redis and sets it)")
     runtime = Runtime(settings, url)  # invalid rules fail here, before the port opens
+    keys = parse_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    if not keys:
+        log.warning("NEXTBEST_API_KEYS is not set: the API is open to every caller (fine for a local demo only)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +46,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app.include_router(feedback.router)
     app.include_router(email.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     install_openapi(app, [*recommendations.OPENAPI, *offers.OPENAPI, *events.OPENAPI, *catalog.OPENAPI, *email.OPENAPI])
 
     @app.exception_handler(BodyError)
@@ -52,4 +57,6 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     async def not_ready(_request: Request, exc: NotReadyError) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": f"not ready: {exc}"})
 
+    if keys:
+        app.add_middleware(ApiKeyAuth, keys=keys)  # type: ignore[arg-type]
     return app

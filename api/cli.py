@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import shutil
@@ -217,6 +218,8 @@ def serve(
     """Serve the API (starts the embedded Redis when REDIS_URL is unset)."""
     import uvicorn
 
+    from api.auth import ApiKeysError, parse_keys
+    from api.signing import ClickSigner, SigningConfigError
     from engine.registry import Registry
     from engine.rules import RulesError, load_rules
 
@@ -224,8 +227,17 @@ def serve(
     n_workers = workers or settings.workers
     try:
         load_rules(settings.rules_file)  # fail here, clearly, rather than in every worker
-    except RulesError as exc:
+        keys = parse_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+        ClickSigner.from_setting(
+            settings.email_signing_keys.get_secret_value() if settings.email_signing_keys else None
+        )
+    except (RulesError, ApiKeysError, SigningConfigError) as exc:
         raise _fail(str(exc)) from exc
+    if keys:
+        described = ", ".join(f"{k.name} ({'+'.join(sorted(k.scopes))})" for k in keys)
+        console.print(f"API keys: {described}")
+    else:
+        console.print("[yellow]warning:[/yellow] NEXTBEST_API_KEYS is not set: the API is open to every caller")
     if Registry(settings.registry_path).live_version() is None:
         console.print(
             f"[yellow]warning:[/yellow] no live model in {settings.registry_path}; "
@@ -243,6 +255,11 @@ def serve(
             prom.mkdir(parents=True)
             cleanup.callback(shutil.rmtree, prom, ignore_errors=True)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom.resolve())
+        if settings.metrics_port:
+            from api.metrics import start_metrics_server
+
+            start_metrics_server(settings.metrics_port, host or settings.host)
+            console.print(f"metrics on http://{host or settings.host}:{settings.metrics_port}/metrics")
         uvicorn.run(
             "api.app:create_app",
             factory=True,
@@ -252,6 +269,28 @@ def serve(
             log_level=settings.log_level,
             access_log=False,
         )
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: make one and the line that configures it")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Option(help="who uses the key, e.g. shop-web, esp, etl")],
+    scopes: Annotated[str, typer.Option(help="comma-separated: decide, email, ingest, admin")],
+) -> None:
+    """Print a new random key (give it to the caller) and its NEXTBEST_API_KEYS entry (only its hash)."""
+    from api.auth import ApiKeysError, hash_key, new_key, parse_keys
+
+    key = new_key()
+    entry = f"{name}:{'+'.join(s.strip() for s in scopes.split(','))}:{hash_key(key)}"
+    try:
+        parse_keys(entry)
+    except ApiKeysError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"key (give it to {name}; it is not stored anywhere): [bold]{key}[/bold]")
+    console.print(f"NEXTBEST_API_KEYS entry (add to the comma-separated list): {entry}")
 
 
 @app.command()
@@ -279,13 +318,19 @@ _BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs", "benchmarks.ltv", "benchma
 def bench_latency(
     quick: Quick = False,
     out: OutDir = Path("benchmarks/reports"),
-    endpoint: Annotated[str, typer.Option(help="recommendations | offers | email")] = "recommendations",
+    endpoint: Annotated[
+        str, typer.Option(help="recommendations | offers | email | all (every serving benchmark, side by side)")
+    ] = "recommendations",
 ) -> None:
     """Serving latency at fixed arrival rates and the maximum sustained rate."""
     if endpoint == "offers":
         from benchmarks.offers import run_offers_bench
 
         run_offers_bench(console, quick=quick, out_dir=out)
+    elif endpoint == "all":
+        from benchmarks.serving import run_serving_bench
+
+        run_serving_bench(console, quick=quick, out_dir=out)
     elif endpoint == "email":
         from benchmarks.email import run_email_latency_bench
 
@@ -295,7 +340,7 @@ def bench_latency(
 
         run_latency_bench(console, quick=quick, out_dir=out)
     else:
-        raise _fail(f"unknown endpoint {endpoint!r}; available: recommendations, offers, email")
+        raise _fail(f"unknown endpoint {endpoint!r}; available: recommendations, offers, email, all")
 
 
 @bench_app.command("email-batch")
@@ -320,6 +365,34 @@ def bench_overhead(quick: Quick = False, out: OutDir = Path("benchmarks/reports"
     from benchmarks.overhead import run_overhead_bench
 
     run_overhead_bench(console, quick=quick, out_dir=out)
+
+
+@bench_app.command("all")
+def bench_all(quick: Quick = False, out: OutDir = Path("benchmarks/reports"), seed: int = 0) -> None:
+    """Every benchmark in turn (quality, off-policy evaluation, regret, LTV, serving), each with its report."""
+    import time
+
+    from benchmarks.ltv import run_ltv_bench
+    from benchmarks.ope import run_ope_bench
+    from benchmarks.recs import run_recs_bench
+    from benchmarks.regret import run_regret_bench
+    from benchmarks.serving import run_serving_bench
+
+    done: list[tuple[str, Path, float]] = []
+    for name, run in (
+        ("recs", functools.partial(run_recs_bench, seed=seed)),
+        ("ltv", functools.partial(run_ltv_bench, seed=seed)),
+        ("ope", functools.partial(run_ope_bench, seed=seed)),
+        ("regret", functools.partial(run_regret_bench, seed=seed)),
+        ("serving", run_serving_bench),
+    ):
+        console.rule(f"bench {name}")
+        t0 = time.perf_counter()
+        path = run(console, quick=quick, out_dir=out)
+        done.append((name, path, time.perf_counter() - t0))
+    console.rule("reports")
+    for name, path, seconds in done:
+        console.print(f"{name:>8}: {path}  ({seconds:.0f} s)")
 
 
 def _register_benchmarks() -> None:

@@ -82,6 +82,25 @@ def _show_offers(console: Console, base: str, body: dict[str, Any]) -> None:
     )
 
 
+def _show_email(console: Console, base: str, campaign: str, customer: str, out_dir: Path) -> None:
+    """The email a recipient gets: slots as the ESP template renders them, and the HTML block saved to a file."""
+    url = f"{base}/v1/email/slots/{campaign}/{customer}?placement=email:weekly&slots=4"
+    data = httpx.get(url, timeout=5.0).json()
+    again = httpx.get(url, timeout=5.0).json()
+    html = httpx.get(url + "&format=html", timeout=5.0).text
+    why = f" — fallback: {data['fallback_reason']}" if data["fallback"] else ""
+    console.print(f"[bold]email '{campaign}' to {customer}[/bold] ({data['locale']}, {data['currency']}){why}")
+    for s in data["slots"]:
+        price = f"  {s['price_formatted']}" if s["price_formatted"] else ""
+        link = s["click_url"]
+        console.print(f"  {s['position']}. [{s['type']}] {s['title']}{price}  [dim]{link[:60]}…[/dim]")
+    same = "the same content" if again["slots"] == data["slots"] else "[red]different content[/red]"
+    path = out_dir / f"demo-email-{customer}.html"
+    path.write_text(html, encoding="utf-8")
+    console.print(f"  [dim]a second call (retry, open) returned {same} ({again['source']}); HTML: {path}[/dim]")
+    console.print(f"  [dim]curl -s '{url}'[/dim]\n")
+
+
 def _arm(client: Any, keys: Any, item: str) -> tuple[int, int]:
     n, s = client.hget(keys.arm_impressions("home"), item), client.hget(keys.arm_successes("home"), item)
     return int(n or 0), int(s or 0)
@@ -230,6 +249,9 @@ def run_demo(
             _show(
                 console, base, {"customer_id": "someone-new", "placement": "cart", "context": {"cart": [item]}}, titles
             )
+            campaign = f"weekly-{dt.date.today():%Y-%W}"
+            for who in (heavy, typical, "new-subscriber"):
+                _show_email(console, base, campaign, who, settings.data_dir)
             console.print(
                 f"[bold green]nextbest is serving on {base}[/bold green] — docs: {base}/docs, metrics: {base}/metrics"
             )

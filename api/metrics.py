@@ -42,6 +42,17 @@ BREAKER_OPEN = Gauge(
 )
 
 
+def start_metrics_server(port: int, host: str) -> None:
+    """/metrics on its own port (no API key: bind it where only the scraper reaches), summed over workers."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         description="click-link keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random key per "
         "process, so links break on restart and across replicas",
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys as 'name:scope+scope:sha256hex' entries (comma or newline separated); unset = open",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port too, without a key (for a scraper)"
+    )
     public_url: str = Field(
         "http://127.0.0.1:8000",
         pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
