@@ -311,7 +311,12 @@ app.add_typer(bench_app, name="bench")
 Quick = Annotated[bool, typer.Option(help="a small, CI-sized run")]
 OutDir = Annotated[Path, typer.Option(help="where reports go")]
 # Benchmarks that define their own commands: each module has `register(bench_app, console)`.
-_BENCH_MODULES: tuple[str, ...] = ("benchmarks.recs", "benchmarks.ltv", "benchmarks.ope")
+_BENCH_MODULES: tuple[str, ...] = (
+    "benchmarks.regret",
+    "benchmarks.recs",
+    "benchmarks.ope",
+    "benchmarks.ltv",
+)
 
 
 @bench_app.command("latency")
