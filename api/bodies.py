@@ -44,19 +44,26 @@ class Operation:
     response: type[BaseModel]
     error: type[BaseModel]
     status: str = "200"
+    media_type: str = "application/json"  # of the successful answer; for NDJSON, `response` is one line
 
     def spec(self) -> dict[str, Any]:
-        def ref(model: type[BaseModel]) -> dict[str, Any]:
-            return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+        def ref(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
+            return {media_type: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
 
+        unavailable = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
         return {
             "tags": [self.tag],
             "summary": self.summary,
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}",
             "requestBody": {"required": True, "content": ref(self.request)},
             "responses": {
-                self.status: {"description": "Successful Response", "content": ref(self.response)},
+                self.status: {"description": "Successful Response", "content": ref(self.response, self.media_type)},
                 "422": {"description": "Invalid request; `loc` names the field", "content": ref(self.error)},
+                "503": {
+                    "description": "Not ready (no model or catalog loaded yet) or the store is unavailable; "
+                    "nothing was changed, retry",
+                    "content": {"application/json": {"schema": unavailable}},
+                },
             },
         }
 

@@ -109,7 +109,7 @@ def _arm(client: Any, keys: Any, item: str) -> tuple[int, int]:
 def _show_click_effect(
     console: Console, base: str, url: str, customer: str, titles: dict[str, tuple[str, str, float]]
 ) -> None:
-    """The learning loop, visibly: a click on the last item feeds Thompson sampling on every worker."""
+    """The learning loop, visibly: a click on the last item feeds the placement's bandit state on every worker."""
     import redis
 
     from feature_store.keys import Keys
@@ -134,15 +134,11 @@ def _show_click_effect(
     time.sleep(settings.arms_refresh_s + 0.5)  # every worker re-reads the bandit state each interval
     after = _arm(store, arms_key, clicked["item_id"])
     console.print(
-        f"  the home placement's Thompson sampling state for {clicked['item_id']}: clicks/impressions "
-        f"{before[1]}/{before[0]} -> {after[1]}/{after[0]}, shared by every worker through Redis"
+        f"  home's bandit state for {clicked['item_id']}: clicks/impressions {before[1]}/{before[0]} -> "
+        f"{after[1]}/{after[0]}, shared by every worker through Redis. home shows softmax and learns "
+        "thompson_lift in the shadow (logged with its propensities); `nextbest bench ope --log` says when "
+        "it would beat the live policy\n"
     )
-    again = _show(console, base, home, titles)
-    shown = {i["item_id"]: i for i in again["items"]}
-    now = shown.get(clicked["item_id"])
-    where = f"#{now['position']} with p={now['propensity']:.2f}" if now else "not shown this time (exploration)"
-    was = f"#{clicked['position']} (p={clicked['propensity']:.2f})"
-    console.print(f"  next decision: {clicked['item_id']} was {was}, now {where}\n")
     store.close()
 
 

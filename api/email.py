@@ -35,7 +35,7 @@ from engine.types import Context, Decision, Profile
 from feature_store.caps import Reservation, reserve_many
 from feature_store.email_store import EmailRead, EmailStore, profile_of
 from feature_store.profiles import ProfileDecodeError
-from feature_store.resp import RespConnectionError, RespError
+from feature_store.resp import RedisClient, RespConnectionError, RespError
 from feature_store.store import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class EmailSlots:
             else:
                 fresh.append((j, decision, profile, None, None))
         to_reserve = [(o, p) for _, _, _, o, p in fresh if o is not None and p is not None and p.ranked]
-        reservations = iter(await _reserve_plans(rt, to_reserve) if to_reserve else [])
+        reservations = iter(await _reserve_plans(rt, to_reserve, rt.ingest_client) if to_reserve else [])
         contents: list[tuple[int, Decision, EmailContent, OfferAnswer | None, Profile | None]] = []
         for j, decision, profile, offer_req, plan in fresh:
             offers = None
@@ -275,17 +275,20 @@ async def _offers_for(rt: Runtime, req: OfferRequest, profile: Profile | None, r
     plan = plan_offers(rt, req, profile, reason)
     reservation: Reservation | None = None
     if not plan.store_down and plan.ranked:
-        reservation = (await _reserve_plans(rt, [(req, plan)]))[0]
+        reservation = (await _reserve_plans(rt, [(req, plan)], rt.caps_client))[0]
     elif not plan.store_down:
         reservation = Reservation(granted=(), refused={})
     return settle(plan, req, reservation)
 
 
-async def _reserve_plans(rt: Runtime, plans: list[tuple[OfferRequest, OfferPlan]]) -> list[Reservation | None]:
-    """Cap reservations for many customers in one round trip; None each if the store failed."""
+async def _reserve_plans(
+    rt: Runtime, plans: list[tuple[OfferRequest, OfferPlan]], client: RedisClient
+) -> list[Reservation | None]:
+    """Cap reservations for many customers in one round trip; None each if the store failed. `client` sets
+    the budget: the request path's cap budget for one recipient, the writes' for a batch."""
     requests = [(r.customer_id, cap_candidates(rt, r, list(p.ranked)), r.limit) for r, p in plans]
     try:
-        got = await reserve_many(rt.ingest_client, rt.keys, requests, int(time.time() * 1000))
+        got = await reserve_many(client, rt.keys, requests, int(time.time() * 1000))
     except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
         rt.store_failed("caps", exc)
         return [None] * len(plans)

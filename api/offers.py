@@ -209,7 +209,7 @@ def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer
 async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:
     try:
         return await reserve(
-            runtime.ingest_client,
+            runtime.caps_client,
             runtime.keys,
             req.customer_id,
             cap_candidates(runtime, req, ranked),

@@ -35,13 +35,14 @@ from engine.state import ServingState, build_state
 from engine.types import Context, Decision, Profile
 from feature_store.breaker import CircuitBreaker
 from feature_store.catalog_updates import CatalogWriter, UpsertResult, read_delta
+from feature_store.cluster import connect
 from feature_store.consent import set_consent
 from feature_store.decision_log import DecisionLog, FeedbackResult, arms_arrays, decision_entry
 from feature_store.erasure import erase_customer
 from feature_store.ingest import EventWriter, LiveEvent
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError
-from feature_store.resp import LeanRedis, RespConnectionError, RespError
+from feature_store.resp import RedisClient, RespConnectionError, RespError
 from feature_store.store import AsyncRedisStore, StoreUnavailableError
 
 log = logging.getLogger("nextbest")
@@ -70,7 +71,9 @@ class Runtime:
         # neither fail on the request budget nor trip the request path's circuit breaker.
         self.background_store = AsyncRedisStore(redis_url, Keys(settings.key_prefix), timeout_s=1.0)
         # Writes get a longer budget than reads: a slow write is better than a lost event.
-        self.ingest_client = LeanRedis(redis_url, timeout_s=max(settings.redis_timeout_ms / 1000.0, 0.5))
+        self.ingest_client = connect(redis_url, timeout_s=max(settings.redis_timeout_ms / 1000.0, 0.5))
+        # Cap reservations on the request path: a write, so more patient than a read, but bounded.
+        self.caps_client = connect(redis_url, timeout_s=settings.caps_timeout_ms / 1000.0)
         self.event_writer = EventWriter(self.ingest_client, Keys(settings.key_prefix))
         self.catalog_writer = CatalogWriter(self.ingest_client, Keys(settings.key_prefix))
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
@@ -96,12 +99,13 @@ class Runtime:
             feedback_window_s=settings.feedback_window_s,
         )
         # Bandit state per placement (impressions, successes), re-read from Redis on every refresh.
-        self._arm_counts: dict[str, tuple[list[bytes], list[bytes]]] = {}
+        self._arm_counts: dict[str, tuple[list[bytes], list[bytes], list[bytes]]] = {}
         self._arms_read_at = 0.0
         self._item_index: tuple[CatalogState | None, dict[bytes, int]] = (None, {})
         self.arms: dict[str, Arms] = {}
         # Impressions counted since the last refresh, added to the shared state then (see add_impressions).
         self._impressions: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._expected: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self._log_writes: set[asyncio.Task[None]] = set()
         # Email connected content: stored per (campaign, customer), click links signed with rotating keys.
         keys_setting = settings.email_signing_keys.get_secret_value() if settings.email_signing_keys else None
@@ -126,6 +130,7 @@ class Runtime:
         await self.store.close()
         await self.background_store.close()
         await self.ingest_client.close()
+        await self.caps_client.close()
 
     async def _shared_signing_key(self) -> None:
         """Without configured keys, one random key kept in Redis, so every worker and replica verifies the
@@ -171,10 +176,11 @@ class Runtime:
 
     def bandit_placements(self) -> list[str]:
         """Placements whose live or shadow policy learns from feedback (Thompson sampling)."""
+        learning = ("thompson", "thompson_lift")
         return [
             name
             for name, p in self.rules.placements.items()
-            if p.exploration.policy == "thompson" or (p.shadow is not None and p.shadow.policy == "thompson")
+            if p.exploration.policy in learning or (p.shadow is not None and p.shadow.policy in learning)
         ]
 
     async def refresh_arms(self) -> None:
@@ -199,15 +205,18 @@ class Runtime:
 
     async def _flush_impressions(self) -> None:
         pending, self._impressions = self._impressions, collections.defaultdict(collections.Counter)
+        pending_expected, self._expected = self._expected, collections.defaultdict(collections.Counter)
         if not pending:
             return
         try:
-            await self.feedback_log.add_impressions(pending)
+            await self.feedback_log.add_impressions(pending, pending_expected)
         except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("arms").inc()
             log.warning("bandit impressions not saved yet, retrying next refresh: %s", exc)
             for placement, items in pending.items():
                 self._impressions[placement].update(items)
+            for placement, sums in pending_expected.items():
+                self._expected[placement].update(sums)
 
     def _align_arms(self) -> None:
         catalog = self.catalog
@@ -217,10 +226,10 @@ class Runtime:
             self._item_index = (catalog, {item.encode(): i for i, item in enumerate(catalog.item_ids)})
         index = self._item_index[1]
         arms: dict[str, Arms] = {}
-        for placement, (impressions, successes) in self._arm_counts.items():
+        for placement, (impressions, successes, expected) in self._arm_counts.items():
             trials = arms_arrays(impressions, index, len(catalog))
             wins = np.minimum(arms_arrays(successes, index, len(catalog)), trials)
-            arms[placement] = Arms(trials, wins)
+            arms[placement] = Arms(trials, wins, arms_arrays(expected, index, len(catalog)))
         self.arms = arms
 
     def _refresh_rules(self) -> bool:
@@ -284,7 +293,7 @@ class Runtime:
             return True
         return False
 
-    async def _catch_up(self, target: int, client: LeanRedis) -> bool:
+    async def _catch_up(self, target: int, client: RedisClient) -> bool:
         """Bring the in-memory catalog to `target`: the changed items only, or all when the log falls short."""
         async with self._catalog_lock:
             if target == self._catalog_version and self.status.catalog_source == "redis":
@@ -398,6 +407,10 @@ class Runtime:
             track = decision.placement in self.arms
             if track:
                 self._impressions[decision.placement].update(i.item_id for i in decision.items)
+                if decision.expected_clicks:
+                    self._expected[decision.placement].update(
+                        dict(zip((i.item_id for i in decision.items), decision.expected_clicks, strict=True))
+                    )
             records.append((decision, entry, track, window))
         try:
             replies = await self.decision_log.record_many(records)
@@ -494,7 +507,8 @@ class Runtime:
             "ready": redis_ok and self.model is not None and self.state is not None,
             "redis": redis_ok,
             "circuit": self.breaker.state,
-            "model_version": self.status.model_version,
+            # The version decisions use now: a new model counts once its serving state is built.
+            "model_version": self.state.model_version if self.state is not None else None,
             "model_error": self.status.model_error,
             "catalog_version": self.status.catalog_version,
             "catalog_source": self.status.catalog_source,

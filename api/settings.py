@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
     refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")
     log_level: str = "info"
+    caps_timeout_ms: float = Field(
+        100.0,
+        gt=0,
+        le=5000,
+        description="budget of the cap reservation on the request path (a write; longer than a read, bounded so "
+        "a Redis that stalls writes, as in a failover, cannot hold every offers answer)",
+    )
     arms_refresh_s: float = Field(
         5.0, gt=0, le=3600, description="how often workers re-read the bandit state (impressions, successes)"
     )

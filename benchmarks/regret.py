@@ -62,7 +62,7 @@ def default_refresh_every() -> int:
 
 def default_contenders(pool: int) -> list[Contender]:
     """The served policy of the placement, the other placements' settings and a few alternatives, all on one pool."""
-    from engine.rules import EpsilonGreedy, Greedy, Softmax, Thompson, load_rules
+    from engine.rules import EpsilonGreedy, Greedy, Softmax, Thompson, ThompsonLift, load_rules
 
     served = load_rules().placement(PLACEMENT).exploration
     contenders = [Contender("greedy", Greedy(pool=pool))]
@@ -73,6 +73,12 @@ def default_contenders(pool: int) -> list[Contender]:
     base = served if isinstance(served, Thompson) else Thompson(pool=pool)
     for strength in (100.0, 1000.0, 0.0):
         contenders.append(Contender(f"thompson s={strength:g}", base.model_copy(update={"prior_strength": strength})))
+    if isinstance(served, ThompsonLift):
+        contenders.append(Contender(f"thompson_lift served (k={served.prior_strength:g})", served))
+    lift = served if isinstance(served, ThompsonLift) else ThompsonLift(pool=pool)
+    for strength in (3.0, 10.0, 30.0):
+        name = f"thompson_lift k={strength:g}"
+        contenders.append(Contender(name, lift.model_copy(update={"prior_strength": strength})))
     return [*contenders, Contender("oracle (pool)", None)]
 
 

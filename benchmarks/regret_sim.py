@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from engine.policies import Arms, choose
-from engine.rules import Exploration, Greedy, Thompson
+from engine.policies import Arms, choose, expected_rates
+from engine.rules import Exploration, Greedy, Thompson, ThompsonLift
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -74,7 +74,7 @@ class Contender:
     @property
     def learns(self) -> bool:
         """Whether the policy reads the bandit state (production passes arms only to Thompson placements)."""
-        return isinstance(self.spec, Thompson)
+        return isinstance(self.spec, Thompson | ThompsonLift)
 
 
 @dataclass(frozen=True)
@@ -152,22 +152,26 @@ def _run_policy(
     shown = np.empty((len(arrivals), k), dtype=np.int64)
     trials = np.zeros(pools.n_items, dtype=np.float64)
     successes = np.zeros(pools.n_items, dtype=np.float64)
-    seen_trials, seen_successes = trials.copy(), successes.copy()
+    expected = np.zeros(pools.n_items, dtype=np.float64)  # clicks the ranker expected (thompson_lift)
+    seen_trials, seen_successes, seen_expected = trials.copy(), successes.copy(), expected.copy()
     items, scores, click = pools.items, pools.scores, pools.click
     learns = contender.learns
+    lift = spec if isinstance(spec, ThompsonLift) else None
     for t, row in enumerate(arrivals.tolist()):
         pool = items[row]
         arms = None
         if learns:
             if t % refresh_every == 0:
-                seen_trials, seen_successes = trials.copy(), successes.copy()
-            arms = Arms(seen_trials[pool], seen_successes[pool])
+                seen_trials, seen_successes, seen_expected = trials.copy(), successes.copy(), expected.copy()
+            arms = Arms(seen_trials[pool], seen_successes[pool], seen_expected[pool])
         order = choose(spec, scores[row], k, rng, arms).order
         shown[t] = order
         if learns:
             picked = pool[order]  # distinct items, so plain fancy-index increments are exact
             trials[picked] += 1.0
             successes[picked] += uniforms[t] < click[row, order]
+            if lift is not None:
+                expected[picked] += expected_rates(lift, scores[row])[order]
     return shown
 
 

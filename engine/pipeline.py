@@ -18,7 +18,7 @@ from engine import policies
 from engine.catalog import BoolArray, IntArray
 from engine.ids import decision_seed, new_decision_id
 from engine.rerank import blend, diversify, rank
-from engine.rules import Exploration, Greedy, Placement
+from engine.rules import Exploration, Greedy, Placement, ThompsonLift
 from engine.state import ServingState
 from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShadowDecision, ShownItem
 
@@ -155,6 +155,8 @@ def recommend(
     selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
     chosen = pool[selection.order]
     propensity = selection.propensities
+    lift = _lift_spec(spec, placement.shadow if explore else None)
+    expected = policies.expected_rates(lift, pool_scores)[selection.order].round(6).tolist() if lift else []
     shadow = None
     if explore and placement.shadow is not None:
         # The shadow draws from the same generator only after the live choice is made: it never shifts
@@ -194,7 +196,16 @@ def recommend(
         policy=spec.policy,
         policy_params=_params(spec),
         shadow=shadow,
+        expected_clicks=tuple(expected + [0.0] * (len(items) - len(expected))) if lift else (),
     )
+
+
+def _lift_spec(live: Exploration, shadow: Exploration | None) -> ThompsonLift | None:
+    """The thompson_lift policy whose arms this decision feeds (the live one first), if any."""
+    for spec in (live, shadow):
+        if isinstance(spec, ThompsonLift):
+            return spec
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -207,7 +218,8 @@ def _pool_arms(arms: Mapping[str, policies.Arms] | None, placement: str, pool: I
     table = arms.get(placement) if arms else None
     if table is None:
         return None
-    return policies.Arms(table.trials[pool], table.successes[pool])
+    expected = table.expected[pool] if table.expected is not None else None
+    return policies.Arms(table.trials[pool], table.successes[pool], expected)
 
 
 def _shadow(

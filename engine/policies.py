@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson
+from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson, ThompsonLift
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -23,10 +23,12 @@ _MIN_BETA_PARAMETER = 1e-3
 
 @dataclass(frozen=True, slots=True)
 class Arms:
-    """Observed feedback per pool item (aligned with the pool): impressions and clicks."""
+    """Observed feedback per pool item (aligned with the pool): impressions, clicks, and the clicks the
+    ranker expected for those impressions (`expected_rates` summed; read by `thompson_lift`)."""
 
     trials: FloatArray
     successes: FloatArray
+    expected: FloatArray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +196,49 @@ def _distributions(
     return tuple(out)
 
 
+def expected_rates(spec: Thompson | ThompsonLift, scores: FloatArray) -> FloatArray:
+    """The click rate the ranker implies per pool item: `prior_ctr` × score relative to the pool's best."""
+    peak = float(scores.max()) if len(scores) else 0.0
+    share = np.clip(scores / peak, _PRIOR_FLOOR, 1.0) if peak > 0 else np.ones(len(scores))
+    return np.asarray(spec.prior_ctr * share, dtype=np.float64)
+
+
+def _draws(
+    spec: Thompson | ThompsonLift, scores: FloatArray, rng: np.random.Generator, arms: Arms | None
+) -> FloatArray:
+    """`spec.samples` posterior draws of every pool item's click rate (samples × pool)."""
+    if isinstance(spec, ThompsonLift):
+        shape, rate = _lift_posterior(spec, scores, arms)
+        lift = rng.gamma(shape, 1.0 / rate, size=(spec.samples, len(scores)))
+        return np.asarray(expected_rates(spec, scores) * lift, dtype=np.float64)
+    alpha, beta = _posterior(spec, scores, arms)
+    return np.asarray(rng.beta(alpha, beta, size=(spec.samples, len(scores))), dtype=np.float64)
+
+
+def _lift_posterior(spec: ThompsonLift, scores: FloatArray, arms: Arms | None) -> tuple[FloatArray, FloatArray]:
+    """Gamma(shape, rate) of each item's lift: prior Gamma(k, k) (mean 1), plus clicks over expected clicks."""
+    shape = np.full(len(scores), spec.prior_strength, dtype=np.float64)
+    rate = shape.copy()
+    if arms is not None:
+        successes = np.asarray(arms.successes, dtype=np.float64)
+        expected = np.zeros(len(scores)) if arms.expected is None else np.asarray(arms.expected, dtype=np.float64)
+        if successes.shape != scores.shape or expected.shape != scores.shape:
+            raise ValueError(f"arms must align with the pool of {len(scores)} items")
+        shape = shape + np.maximum(successes, 0.0)
+        rate = rate + np.maximum(expected, 0.0)
+    return shape, rate
+
+
 def _thompson(
-    spec: Thompson, scores: FloatArray, k: int, rng: np.random.Generator, arms: Arms | None, keep: bool
+    spec: Thompson | ThompsonLift,
+    scores: FloatArray,
+    k: int,
+    rng: np.random.Generator,
+    arms: Arms | None,
+    keep: bool,
 ) -> Selection:
     if not keep:
-        alpha, beta = _posterior(spec, scores, arms)
-        return _thompson_all_slots(rng.beta(alpha, beta, size=(spec.samples, len(scores))), k)
+        return _thompson_all_slots(_draws(spec, scores, rng, arms), k)
     slots = _ThompsonSlots(spec, scores, rng, arms)
     order = np.empty(k, dtype=np.int64)
     propensities = np.empty(k, dtype=np.float64)
@@ -248,9 +287,10 @@ class _ThompsonSlots:
     how often each remaining item wins a row. After a take, only the rows that item was winning change.
     """
 
-    def __init__(self, spec: Thompson, scores: FloatArray, rng: np.random.Generator, arms: Arms | None) -> None:
-        alpha, beta = _posterior(spec, scores, arms)
-        self._theta = rng.beta(alpha, beta, size=(spec.samples, len(scores)))
+    def __init__(
+        self, spec: Thompson | ThompsonLift, scores: FloatArray, rng: np.random.Generator, arms: Arms | None
+    ) -> None:
+        self._theta = _draws(spec, scores, rng, arms)
         self._winners = self._theta.argmax(axis=1)
         self._size = len(scores)
 
@@ -279,9 +319,7 @@ def _posterior(spec: Thompson, scores: FloatArray, arms: Arms | None) -> tuple[F
     if spec.prior_strength == 0:
         alpha, beta = np.ones(len(scores)), np.ones(len(scores))
     else:
-        peak = float(scores.max()) if len(scores) else 0.0
-        share = np.clip(scores / peak, _PRIOR_FLOOR, 1.0) if peak > 0 else np.ones(len(scores))
-        mean = spec.prior_ctr * share
+        mean = expected_rates(spec, scores)
         # Floored: Beta needs positive parameters, and a prior worth almost nothing is then just weak.
         alpha = np.maximum(spec.prior_strength * mean, _MIN_BETA_PARAMETER)
         beta = np.maximum(spec.prior_strength * (1.0 - mean), _MIN_BETA_PARAMETER)

@@ -98,7 +98,27 @@ class Thompson(_Policy):
     pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
 
 
-Exploration = Annotated[Greedy | EpsilonGreedy | Softmax | Thompson, Field(discriminator="policy")]
+class ThompsonLift(_Policy):
+    """Thompson sampling on a per-item correction of the ranker's personalised click estimate.
+
+    Each item has a lift λ (Gamma posterior, prior mean 1) on the expected click rate the ranker gives
+    it for this customer (`prior_ctr` × score relative to the pool's best): clicks against the clicks
+    the ranker expected. A ranker that is off by a constant factor for every item changes nothing, so
+    the ranking stays personal while items that beat or miss their estimate move up or down.
+    """
+
+    policy: Literal["thompson_lift"] = "thompson_lift"
+    prior_ctr: float = Field(
+        0.05, gt=0, lt=1, description="click rate the ranker's best pool item is expected to have (the scale)"
+    )
+    prior_strength: float = Field(
+        10.0, gt=0, le=100_000, description="expected clicks the prior lift of 1 is worth (higher: explores less)"
+    )
+    samples: int = Field(64, ge=10, le=10000, description="Monte Carlo draws estimating each slot's probabilities")
+    pool: int = Field(30, ge=1, le=500, description=_POOL_DESCRIPTION)
+
+
+Exploration = Annotated[Greedy | EpsilonGreedy | Softmax | Thompson | ThompsonLift, Field(discriminator="policy")]
 
 
 class Placement(_Strict):

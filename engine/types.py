@@ -95,3 +95,5 @@ class Decision:
     policy: str = "greedy"
     policy_params: tuple[tuple[str, float], ...] = ()
     shadow: ShadowDecision | None = None
+    # Per shown item, the click rate the ranker implied (read by `thompson_lift` arms); () for other policies.
+    expected_clicks: tuple[float, ...] = ()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
-from feature_store.resp import Arg, LeanRedis, Script
+from feature_store.resp import Arg, RedisClient, Script
 
 SUPPRESSION_TTL_S = 30 * SECONDS_PER_DAY  # ignored counts lapse after this long without an impression
 
@@ -162,7 +162,7 @@ def _reserve_call(
 
 
 async def reserve(
-    client: LeanRedis, keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
+    client: RedisClient, keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
 ) -> Reservation:
     """Walk the candidates in order and reserve up to `limit` of them that pass every cap and suppression.
 
@@ -180,7 +180,7 @@ async def reserve(
 
 
 async def reserve_many(
-    client: LeanRedis, keys: Keys, requests: Sequence[tuple[str, Sequence[Candidate], int]], now_ms: int
+    client: RedisClient, keys: Keys, requests: Sequence[tuple[str, Sequence[Candidate], int]], now_ms: int
 ) -> list[Reservation]:
     """`reserve` for many customers (customer, candidates, limit) in one round trip, one script run each."""
     for customer_id, candidates, limit in requests:
@@ -202,14 +202,14 @@ async def reserve_many(
     return out
 
 
-async def record_positive_feedback(client: LeanRedis, keys: Keys, customer_id: str, offer_id: str) -> None:
+async def record_positive_feedback(client: RedisClient, keys: Keys, customer_id: str, offer_id: str) -> None:
     """The customer responded to the offer: its ignored count starts again from zero (lifts suppression)."""
     _check_name(customer_id, "customer_id")
     _check_name(offer_id, "offer_id")
     await client.execute("HDEL", keys.offer_ignored(customer_id), offer_id)
 
 
-async def cap_usage(client: LeanRedis, keys: Keys, customer_id: str, scope: str, window_s: int, now_ms: int) -> int:
+async def cap_usage(client: RedisClient, keys: Keys, customer_id: str, scope: str, window_s: int, now_ms: int) -> int:
     """Impressions recorded in the scope within the last `window_s` seconds before `now_ms`."""
     _check_name(customer_id, "customer_id")
     _check_name(scope, "scope")
@@ -217,7 +217,7 @@ async def cap_usage(client: LeanRedis, keys: Keys, customer_id: str, scope: str,
     return int(await client.execute("ZCOUNT", keys.caps(customer_id, scope), f"({now_ms - window_s * 1000}", "+inf"))
 
 
-async def cap_keys(client: LeanRedis, keys: Keys, customer_id: str) -> list[str]:
+async def cap_keys(client: RedisClient, keys: Keys, customer_id: str) -> list[str]:
     """The customer's cap keys, for erasure (which deletes them along with `Keys.customer_keys`)."""
     scopes = await client.execute("HKEYS", keys.cap_scopes(customer_id))
     return [keys.caps(customer_id, scope.decode()) for scope in scopes]

@@ -15,7 +15,7 @@ import orjson
 
 from engine.catalog import CatalogItem
 from feature_store.keys import Keys
-from feature_store.resp import LeanRedis, Script
+from feature_store.resp import RedisClient, Script
 
 MAX_CHANGES = 100_000
 REQUIRED_FOR_NEW = ("title", "category", "price", "cost", "stock")
@@ -82,7 +82,7 @@ class CatalogDelta:
 
 
 class CatalogWriter:
-    def __init__(self, client: LeanRedis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self.client, self.keys = client, keys
 
     async def upsert(self, patches: Sequence[tuple[str, Mapping[str, Any]]]) -> UpsertResult:
@@ -102,7 +102,7 @@ class CatalogWriter:
         )
 
 
-async def read_delta(client: LeanRedis, keys: Keys, since: int) -> CatalogDelta:
+async def read_delta(client: RedisClient, keys: Keys, since: int) -> CatalogDelta:
     """What changed after version `since`: one round trip for the log, one for the changed items."""
     replies = await client.pipeline(
         [

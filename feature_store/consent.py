@@ -9,7 +9,7 @@ import orjson
 from engine.types import CONSENT_CHANNELS
 from feature_store.keys import Keys
 from feature_store.profiles import new_pseudonym
-from feature_store.resp import LeanRedis, Script
+from feature_store.resp import RedisClient, Script
 
 MAX_EVIDENCE = 100  # consent changes kept per customer
 
@@ -31,7 +31,7 @@ return bits
 
 
 async def set_consent(
-    client: LeanRedis, keys: Keys, customer_id: str, changes: Mapping[str, bool], evidence: Mapping[str, object]
+    client: RedisClient, keys: Keys, customer_id: str, changes: Mapping[str, bool], evidence: Mapping[str, object]
 ) -> frozenset[str]:
     """Apply consent changes (only the channels given) and keep the evidence; returns the consents now held."""
     mask = values = 0

@@ -26,7 +26,7 @@ import orjson
 
 from engine.types import Context, Decision
 from feature_store.keys import Keys
-from feature_store.resp import Arg, LeanRedis, Script
+from feature_store.resp import Arg, RedisClient, Script
 
 LOG_FORMAT_VERSION = 1
 ENTRY_FIELD = "e"  # each stream entry has one field holding the JSON document
@@ -117,7 +117,7 @@ def reward_entry(decision_id: str, action: str, reward_type: str, reward: float,
 class DecisionLog:
     """Appends decisions and rewards; keeps each decision's shown actions for the feedback window."""
 
-    def __init__(self, client: LeanRedis, keys: Keys, *, max_entries: int, feedback_window_s: int) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, *, max_entries: int, feedback_window_s: int) -> None:
         self.client = client
         self.keys = keys
         self.max_entries = max_entries
@@ -153,7 +153,9 @@ class DecisionLog:
             commands.append(("SET", key, record, "EX", window_s or self.window_s))
         return await self.client.pipeline_written(commands)
 
-    async def add_impressions(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+    async def add_impressions(
+        self, counts: Mapping[str, Mapping[str, int]], expected: Mapping[str, Mapping[str, float]] | None = None
+    ) -> None:
         """Add impressions per placement and item to the shared bandit state, in one round trip.
 
         Workers count impressions in memory and add them here once per refresh: one HINCRBY per item
@@ -163,6 +165,11 @@ class DecisionLog:
             ("HINCRBY", self.keys.arm_impressions(placement), item, n)
             for placement, items in counts.items()
             for item, n in items.items()
+        ]
+        commands += [
+            ("HINCRBYFLOAT", self.keys.arm_expected(placement), item, repr(round(e, 6)))
+            for placement, items in (expected or {}).items()
+            for item, e in items.items()
         ]
         if commands:
             await self.client.pipeline(commands)
@@ -195,13 +202,17 @@ class DecisionLog:
             await self.client.execute("HINCRBY", k.arm_successes(placement_s), action, 1)
         return FeedbackResult(status_s, placement_s or None, success)
 
-    async def read_arms(self, placement: str) -> tuple[list[bytes], list[bytes]]:
-        """The placement's bandit state as stored: flat HGETALL replies of impressions and successes
-        (item, count, item, count, …), turned into arrays by `arms_arrays`."""
-        impressions, successes = await self.client.pipeline(
-            [("HGETALL", self.keys.arm_impressions(placement)), ("HGETALL", self.keys.arm_successes(placement))]
+    async def read_arms(self, placement: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """The placement's bandit state as stored: flat HGETALL replies of impressions, successes and
+        expected clicks (item, value, item, value, …), turned into arrays by `arms_arrays`."""
+        impressions, successes, expected = await self.client.pipeline(
+            [
+                ("HGETALL", self.keys.arm_impressions(placement)),
+                ("HGETALL", self.keys.arm_successes(placement)),
+                ("HGETALL", self.keys.arm_expected(placement)),
+            ]
         )
-        return impressions, successes
+        return impressions, successes, expected
 
 
 def arms_arrays(flat: list[bytes], item_index: Mapping[bytes, int], size: int) -> npt.NDArray[np.float64]:

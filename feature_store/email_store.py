@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.types import Profile
 from feature_store.keys import Keys
-from feature_store.resp import Arg, LeanRedis, RespConnectionError, RespError, Script
+from feature_store.resp import Arg, RedisClient, RespConnectionError, RespError, Script
 from feature_store.store import StoreUnavailableError, profile_from_json
 
 # KEYS: content, campaign index. ARGV: content, ttl_s, campaign id.
@@ -61,7 +61,7 @@ def _store_call(keys: Keys, customer_id: str, campaign_id: str, content: bytes, 
 
 
 class EmailStore:
-    def __init__(self, client: LeanRedis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self.client = client
         self.keys = keys
 

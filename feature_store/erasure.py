@@ -8,7 +8,7 @@ they are irreversibly pseudonymised.
 from __future__ import annotations
 
 from feature_store.keys import Keys
-from feature_store.resp import Arg, LeanRedis, Script
+from feature_store.resp import Arg, RedisClient, Script
 
 # One script, so a cap reserved or an email stored while erasing cannot leave a key behind. The per-scope
 # cap keys are named by the cap_scopes hash and the per-campaign email keys by the email_campaigns set;
@@ -28,7 +28,7 @@ return existed
 """)
 
 
-async def erase_customer(client: LeanRedis, keys: Keys, customer_id: str) -> list[str]:
+async def erase_customer(client: RedisClient, keys: Keys, customer_id: str) -> list[str]:
     """Delete every key of the customer; returns what existed (e.g. ["profile", "event_dedupe", "caps"])."""
     named = keys.customer_keys(customer_id)
     scopes_at = list(named).index("cap_scopes") + 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
 from feature_store.profiles import MAX_CART, MAX_PURCHASES, MAX_VIEWS, new_pseudonym
-from feature_store.resp import LeanRedis, Script
+from feature_store.resp import RedisClient, Script
 
 DEDUPE_WINDOW = 200  # event ids remembered per customer
 DEDUPE_TTL_S = 7 * SECONDS_PER_DAY
@@ -125,7 +125,7 @@ class LiveEvent:
 class EventWriter:
     """Applies a batch of events; returns, per event, True if accepted and False if a duplicate."""
 
-    def __init__(self, client: LeanRedis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self.client = client
         self.keys = keys
 

@@ -26,6 +26,7 @@ trip on one node; the catalog's keys share ``{catalog}``.
 | ``<p>:{log}:export``             | string | the export in progress: file and stream ids (recovery)   |
 | ``<p>:{policy:<placement>}:n``   | hash   | item_id → impressions (bandit arms of the placement)     |
 | ``<p>:{policy:<placement>}:s``   | hash   | item_id → successes (first positive feedback per decision) |
+| ``<p>:{policy:<placement>}:e``   | hash   | item_id → clicks the ranker expected for its impressions (thompson_lift) |
 
 A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
 encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
@@ -110,6 +111,9 @@ class Keys:
 
     def arm_successes(self, placement: str) -> str:
         return f"{self.prefix}:{{policy:{placement}}}:s"
+
+    def arm_expected(self, placement: str) -> str:
+        return f"{self.prefix}:{{policy:{placement}}}:e"
 
     @property
     def catalog_items(self) -> str:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import redis
 
 from engine.registry import sha256_file
+from feature_store.cluster import SyncRedis
 from feature_store.decision_log import ENTRY_FIELD
 from feature_store.keys import Keys
 
@@ -130,7 +131,7 @@ def _rows(stream_id: str, doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 class LogExporter:
-    def __init__(self, client: redis.Redis, keys: Keys, batch: int = 5_000) -> None:
+    def __init__(self, client: SyncRedis, keys: Keys, batch: int = 5_000) -> None:
         self.client = client
         self.keys = keys
         self.batch = batch

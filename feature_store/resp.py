@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import ssl
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
@@ -38,6 +39,8 @@ class Endpoint:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: bool = False  # rediss://: TLS with certificate and host name checks
+    ca_file: str | None = None  # ?ssl_ca_certs=<file>: trust this CA (a private one) instead of the system's
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
@@ -48,11 +51,25 @@ class Endpoint:
         username = unquote(u.username) if u.username else None
         if u.scheme == "unix":
             return cls(unix_path=u.path, db=db, username=username, password=password)
-        if u.scheme != "redis":
-            raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (use redis:// or unix://)")
+        if u.scheme not in ("redis", "rediss"):
+            raise ValueError(
+                f"unsupported Redis URL scheme {u.scheme!r} "
+                "(use redis://, rediss://, unix://, or redis+cluster:// / rediss+cluster:// for a Redis Cluster)"
+            )
         if u.path and u.path.strip("/"):
             db = int(u.path.strip("/"))
-        return cls(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db, username=username, password=password)
+        return cls(
+            host=u.hostname or "127.0.0.1",
+            port=u.port or 6379,
+            db=db,
+            username=username,
+            password=password,
+            tls=u.scheme == "rediss",
+            ca_file=query.get("ssl_ca_certs", [None])[0],
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,21 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+class RedisClient(Protocol):
+    """What the request path needs from Redis: `LeanRedis` (one server) or `ClusterLeanRedis` (a Redis Cluster,
+    feature_store.cluster); `feature_store.cluster.connect` picks one from the URL."""
+
+    async def execute(self, *args: Arg) -> Any: ...
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
+
+    async def pipeline_written(self, commands: Sequence[Sequence[Arg]]) -> Coroutine[Any, Any, list[Any]]: ...
+
+    async def run_script(self, script: Script, calls: Sequence[Sequence[Arg]]) -> list[Any]: ...
+
+    async def close(self) -> None: ...
 
 
 class _Protocol(asyncio.Protocol):
@@ -135,7 +167,7 @@ class LeanRedis:
                 if ep.unix_path:
                     _, proto = await loop.create_unix_connection(_Protocol, ep.unix_path)
                 else:
-                    _, proto = await loop.create_connection(_Protocol, ep.host, ep.port)
+                    _, proto = await loop.create_connection(_Protocol, ep.host, ep.port, ssl=ep.ssl_context())
         except (OSError, TimeoutError) as exc:
             raise RespConnectionError(f"cannot connect to Redis: {exc or type(exc).__name__}") from exc
         setup: list[tuple[Arg, ...]] = []
@@ -161,22 +193,35 @@ class LeanRedis:
         return await self._replies(self._write(proto, commands))
 
     async def _replies(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
+        results = await self._settled(futures)
+        first_error = next((r for r in results if isinstance(r, Exception)), None)
+        if first_error is not None:
+            raise first_error
+        return results
+
+    async def _settled(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
+        """Every reply in order, a failed one as its exception (so each error is retrieved); TimeoutError
+        if they do not all arrive within the deadline."""
         results: list[Any] = []
-        first_error: Exception | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 for f in futures:
                     try:
-                        results.append(await f)
-                    except Exception as exc:  # kept: every reply's error is retrieved
-                        first_error = first_error or exc
-                        results.append(None)
+                        results.append(await asyncio.shield(f))  # the deadline must not cancel the reply slot
+                    except Exception as exc:
+                        results.append(exc)
+        except TimeoutError:
+            # The deadline also passes when this process was busy (other requests' CPU work) while the replies
+            # were already on the socket, and uvloop runs due timers before it reads. Look once more before
+            # giving up, so a busy worker does not blame a healthy Redis and keep its circuit open.
+            await asyncio.sleep(0)
+            if not all(f.done() and not f.cancelled() for f in futures):
+                raise
+            results = [f.exception() or f.result() for f in futures]
         finally:
             for f in futures:
                 if not f.done():
                     f.cancel()
-        if first_error is not None:
-            raise first_error
         return results
 
     async def execute(self, *args: Arg) -> Any:
@@ -196,6 +241,12 @@ class LeanRedis:
         """
         proto = await self._connection()
         return self._replies(self._write(proto, commands))
+
+    async def send_settled(self, commands: Sequence[Sequence[Arg]]) -> Coroutine[Any, Any, list[Any]]:
+        """Write the commands now; the awaitable gives every reply in order, an error reply as its `RespError`
+        instead of raising it (a routing client such as `ClusterLeanRedis` acts on MOVED/ASK per command)."""
+        proto = await self._connection()
+        return self._settled(self._write(proto, commands))
 
     async def run_script(self, script: Script, calls: Sequence[Sequence[Arg]]) -> list[Any]:
         """One EVALSHA per call (numkeys, keys…, args…), all in one round trip; loads the script on NOSCRIPT.

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 MAX_UNIX_PATH = 100  # sockaddr_un allows 108 bytes including the terminator
 
@@ -62,7 +64,9 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
+        # No retries: redis-py's default (10, with backoff) turns one refused or LOADING ping into ~3.5 s,
+        # which delayed every start after a crash (stale socket) and the readiness check while loading.
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
 
     def _alive(self) -> bool:
         if not self.socket.exists():

@@ -12,13 +12,13 @@ from dataclasses import asdict
 from typing import Any
 
 import orjson
-import redis
 
 from engine.catalog import CatalogItem
 from engine.types import Profile
+from feature_store.cluster import connect, sync_client
 from feature_store.keys import Keys
 from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile, new_pseudonym
-from feature_store.resp import LeanRedis, RespConnectionError, RespError
+from feature_store.resp import RespConnectionError, RespError
 
 BATCH = 2_000
 
@@ -72,7 +72,7 @@ class RedisStore:
     """Synchronous access for batch jobs and tools."""
 
     def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 10.0) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.client = sync_client(url, timeout_s)  # redis.Redis, or RedisCluster for a redis+cluster:// URL
         self.keys = keys or Keys()
 
     def ping(self) -> bool:
@@ -93,7 +93,10 @@ class RedisStore:
             fields = encode_profile(p)
             fields.pop("ps", None)
             # A reload keeps a customer's pseudonym, so decision logs stay linkable across loads.
-            pipe.evalsha(self._keep_pseudonym, 1, key, orjson.dumps(fields), new_pseudonym(), ttl_s or 0)
+            # execute_command: redis-py's cluster pipeline refuses .evalsha(), yet routes EVALSHA by its key.
+            pipe.execute_command(
+                "EVALSHA", self._keep_pseudonym, 1, key, orjson.dumps(fields), new_pseudonym(), ttl_s or 0
+            )
             n += 1
             if n % BATCH == 0:
                 pipe.execute()
@@ -147,7 +150,7 @@ class AsyncRedisStore:
     """The request path: every read is one round trip, bounded by a timeout (see feature_store.resp)."""
 
     def __init__(self, url: str, keys: Keys | None = None, timeout_s: float = 0.02) -> None:
-        self.client = LeanRedis(url, timeout_s)
+        self.client = connect(url, timeout_s)
         self.keys = keys or Keys()
 
     async def _run(self, what: str, *commands: tuple[str, ...]) -> list[Any]:

@@ -86,12 +86,12 @@ def test_every_decision_is_logged_with_the_probability_of_each_shown_item(client
         assert [a["position"] for a in entry["actions"]] == list(range(1, len(answer["items"]) + 1))
         assert all(0 < a["propensity"] <= 1 for a in entry["actions"])
     policies = {logged[a["decision_id"]]["placement"]: logged[a["decision_id"]]["policy"] for a in answers}
-    assert policies == {"home": "thompson", "pdp": "epsilon_greedy", "cart": "softmax"}
+    assert policies == {"home": "softmax", "pdp": "epsilon_greedy", "cart": "softmax"}
     home = logged[answers[0]["decision_id"]]
-    assert home["policy_params"]["samples"] == 64
+    assert home["policy_params"]["temperature"] == 0.03
     # The shadow policy is logged beside the live one: its own list, and its probability for what was shown.
     shadow = home["shadow"]
-    assert shadow["policy"] == "softmax" and len(shadow["actions"]) == len(home["actions"])
+    assert shadow["policy"] == "thompson_lift" and len(shadow["actions"]) == len(home["actions"])
     assert len(shadow["target_propensities"]) == len(home["actions"])
     assert all(0 <= p <= 1 for p in shadow["target_propensities"])
     assert all(0 < a["propensity"] <= 1 for a in shadow["actions"])
@@ -170,7 +170,7 @@ def test_export_drains_the_stream_into_parquet(client, r, keys, shop, tmp_path):
     decisions = table[table["kind"] == "decision"]
     assert len(decisions) == 6 * 5 and set(decisions["decision_id"]) == {a["decision_id"] for a in answers}
     assert ((decisions["propensity"] > 0) & (decisions["propensity"] <= 1)).all()
-    assert (decisions["target_policy"] == "softmax").all() and decisions["target_propensity"].notna().all()
+    assert (decisions["target_policy"] == "thompson_lift").all() and decisions["target_propensity"].notna().all()
     assert len(table[table["kind"] == "shadow"]) == 6 * 5
     reward = table[table["kind"] == "reward"].iloc[0]
     assert (reward["decision_id"], reward["action"], reward["reward"]) == (answers[0]["decision_id"], item, 1.0)

@@ -251,7 +251,7 @@ def test_tampered_or_expired_links_get_403_and_record_nothing(client, shop, redi
     forged_payload = signer.sign(ClickToken(real.decision_id, "wk48", 2, "product", "other-item", real.expires_at))
     tampered = [
         f"{kid}.{forged_payload.split('.')[1]}.{sig}",  # another slot's payload under this signature
-        f"{kid}.{payload}.{sig[:-2]}AA",
+        f"{kid}.{payload}.{sig[:-2]}{'AB' if sig[-2:] != 'AB' else 'CD'}",  # always a different signature
         f"k9.{payload}.{sig}",
         "garbage",
     ]

@@ -211,8 +211,10 @@ def test_a_decision_replays_exactly_from_its_id_and_greedy_is_the_ranking(state,
     again = recommend(state, req, profile, decision_id="01KAQ3TV0X8B6D6M0R8N6C3Y7Z", now=1.8e9)
     other = [recommend(state, req, profile, decision_id=f"01KAQ3TV0X8B6D6M0R8N6C3Y{c}Z", now=1.8e9) for c in "ABCD"]
     assert first.items == again.items and first.shadow == again.shadow  # same id: same draws
-    assert any(o.items != first.items for o in other)  # home explores (Thompson sampling)
-    assert first.policy == "thompson" and all(0 < i.propensity <= 1 for i in first.items)
+    assert any(o.items != first.items for o in other)  # home explores (softmax)
+    assert first.policy == "softmax" and all(0 < i.propensity <= 1 for i in first.items)
+    assert first.shadow is not None and first.shadow.policy == "thompson_lift"  # its arms learn from home's clicks
+    assert len(first.expected_clicks) == len(first.items) and max(first.expected_clicks) <= 0.05
     greedy = recommend(state, req, profile, decision_id="01KAQ3TV0X8B6D6M0R8N6C3Y7Z", now=1.8e9, explore=False)
     assert greedy.policy == "greedy" and all(i.propensity == 1.0 for i in greedy.items) and greedy.shadow is None
     scores = [i.score for i in greedy.items]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 
 from engine.policies import Arms, Selection, choose, evaluate
-from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson
+from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson, ThompsonLift
 
 
 def ranked(values: list[float]) -> np.ndarray:
@@ -244,3 +244,41 @@ def test_params_name_what_to_log(spec: Exploration):
     params = spec.params()
     assert "policy" not in params
     assert params["pool"] == 30
+
+
+def test_thompson_lift_probabilities_match_the_exact_gamma_posterior():
+    # Expected rates prior_ctr·score/max = [0.1, 0.05]; lifts Gamma(k + clicks, k + expected clicks):
+    # item 0: Gamma(5 + 2, 5 + 4) (clicked half as often as expected), item 1: Gamma(5 + 3, 5 + 1).
+    scores = np.array([2.0, 1.0])
+    arms = Arms(np.array([40.0, 20.0]), np.array([2.0, 3.0]), expected=np.array([4.0, 1.0]))
+    spec = ThompsonLift(prior_ctr=0.1, prior_strength=5, samples=4000)
+    x = np.linspace(1e-6, 12, 20001)
+    # P(0.1·λ0 > 0.05·λ1) = ∫ pdf1(y) · P(λ0 > y/2) dy
+    exact = float(np.trapezoid(stats.gamma.pdf(x, 8, scale=1 / 6) * stats.gamma.sf(x / 2, 7, scale=1 / 9), x))
+    assert 0.2 < exact < 0.8
+    first_slot = choose(spec, scores, 2, np.random.default_rng(5), arms, keep_distributions=True).distributions[0]
+    assert first_slot[0] == pytest.approx(exact, abs=0.05)
+
+
+def test_thompson_lift_keeps_the_ranking_when_every_item_beats_its_estimate_alike():
+    # The ranker is off by the same factor for all items (clicks 6× what it expected): the lifts grow
+    # alike and the personal order stands, where per-item click rates would rank by raw popularity.
+    scores = ranked([1.0, 0.8, 0.6, 0.4, 0.2])
+    spec = ThompsonLift(prior_ctr=0.05, prior_strength=10, samples=2000)
+    expected = np.array([50.0, 40.0, 30.0, 20.0, 10.0])
+    arms = Arms(np.full(5, 1000.0), 6 * expected, expected=expected)
+    dist = choose(spec, scores, 1, np.random.default_rng(1), arms, keep_distributions=True).distributions[0]
+    assert int(np.argmax(dist)) == 0 and dist[0] > 0.9
+
+
+def test_thompson_lift_moves_up_an_item_that_beats_its_estimate():
+    scores = ranked([1.0, 0.9, 0.5])
+    spec = ThompsonLift(prior_ctr=0.05, prior_strength=10, samples=4000)
+    calm = Arms(np.zeros(3), np.zeros(3), expected=np.zeros(3))
+    hot = Arms(np.array([0.0, 0, 400]), np.array([0.0, 0, 60]), expected=np.array([0.0, 0, 5.0]))  # 12× its estimate
+    before = choose(spec, scores, 1, np.random.default_rng(2), calm, keep_distributions=True).distributions[0]
+    after = choose(spec, scores, 1, np.random.default_rng(2), hot, keep_distributions=True).distributions[0]
+    assert after[2] > 0.9 > before[2]
+    assert evaluate(spec, scores, np.array([2, 0, 1]), np.random.default_rng(3), hot)[0] == pytest.approx(
+        after[2], abs=0.03
+    )

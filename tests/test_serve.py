@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,53 @@ def test_read_your_writes_and_feedback_hold_across_two_api_processes(two_servers
     assert httpx.put(f"{b}/v1/customers/{customer}/consent", json=withdraw, timeout=5).status_code == 200
     answer = httpx.post(f"{a}/v1/recommendations", json=home, timeout=5).json()
     assert answer["fallback_reason"] == "no_personalization_consent"
+
+
+def test_caps_email_content_and_bandit_state_hold_across_two_api_processes(two_servers, shop, redis_url, keys):
+    import concurrent.futures
+    from collections import Counter
+
+    import redis
+
+    from engine.rules import load_rules
+
+    a, b = two_servers
+    rules = load_rules()
+    customer = str(shop.customers[shop.customers["consent_email"]]["customer_id"].iloc[5])
+
+    def offers(n: int) -> list[str]:
+        body = {"customer_id": customer, "channel": "web", "limit": 3}
+        r = httpx.post(f"{(a, b)[n % 2]}/v1/offers/next-best", json=body, timeout=10)
+        return [o["offer_id"] for o in r.json()["offers"]]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        shown = Counter(o for answer in pool.map(offers, range(40)) for o in answer)
+    # Every offer-scoped cap holds across both processes, and at least one was reached (the test can fail).
+    limits = {
+        oid: min(c.limit for c in offer.caps if c.scope == "offer")
+        for oid, offer in rules.offers.items()
+        if any(c.scope == "offer" for c in offer.caps)
+    }
+    assert shown and all(shown[oid] <= limit for oid, limit in limits.items() if oid in shown)
+    assert any(shown[oid] == limit for oid, limit in limits.items())
+
+    # The email content decided through A is what B returns, and the other way round.
+    first = httpx.get(f"{a}/v1/email/slots/two-proc/{customer}", timeout=10).json()
+    again = httpx.get(f"{b}/v1/email/slots/two-proc/{customer}", timeout=10).json()
+    assert again["source"] == "stored" and again["slots"] == first["slots"]
+
+    # Impressions of home decisions made by both processes add up in the shared bandit state.
+    r = redis.Redis.from_url(redis_url)
+    before = sum(int(v) for v in r.hvals(keys.arm_impressions("home")))
+    answers = [
+        httpx.post(
+            f"{base}/v1/recommendations", json={"customer_id": customer, "placement": "home", "limit": 5}, timeout=10
+        ).json()
+        for base in (a, b) * 5
+    ]
+    shown_items = sum(len(x["items"]) for x in answers)
+    deadline = time.monotonic() + 10
+    while sum(int(v) for v in r.hvals(keys.arm_impressions("home"))) - before < shown_items:
+        assert time.monotonic() < deadline, "impressions of both processes did not reach the shared state"
+        time.sleep(0.1)
+    assert sum(int(v) for v in r.hvals(keys.arm_impressions("home"))) - before == shown_items

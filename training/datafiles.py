@@ -7,13 +7,16 @@ reason, so nothing is loaded from it.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import difflib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -75,6 +78,9 @@ UNIQUE = {"catalog": "item_id", "customers": "customer_id", "events": "event_id"
 TRUE = frozenset({"true", "1", "yes", "t", "y"})
 FALSE = frozenset({"false", "0", "no", "f", "n"})
 MAX_ID_LEN = 128
+# What an identifier must not contain: the same characters the API's ID_PATTERN refuses (braces are
+# Redis hash tags; whitespace and control codes make ids that look alike but differ).
+ID_FORBIDDEN = r"[{}\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 MAX_TEXT_LEN = 2048
 
 
@@ -94,27 +100,29 @@ def find_file(data_dir: Path, name: str) -> Path:
 
 
 class _Checker:
-    """Collects the first bad row of each check; the earliest one is reported."""
+    """Collects the first bad row of each check; the earliest one is reported (in a row, the first check
+    made, i.e. the leftmost column, not the alphabetically first)."""
 
     def __init__(self, path: Path, line_of: Callable[[int], int]) -> None:
         self.path, self.line_of = path, line_of
-        self.errors: list[tuple[int, str, str, int]] = []
+        self.errors: list[tuple[int, int, str | None, str, int]] = []
 
-    def flag(self, bad: np.ndarray, column: str, reason: Callable[[int], str]) -> None:  # type: ignore[type-arg]
+    def flag(self, bad: np.ndarray, column: str | None, reason: Callable[[int], str]) -> None:  # type: ignore[type-arg]
         rows = np.flatnonzero(bad)
         if len(rows):
-            self.errors.append((int(rows[0]), column, reason(int(rows[0])), len(rows)))
+            self.errors.append((int(rows[0]), len(self.errors), column, reason(int(rows[0])), len(rows)))
 
     def raise_first(self) -> None:
         if self.errors:
-            row, column, reason, _ = min(self.errors)
-            total = sum(e[3] for e in self.errors)
+            row, _, column, reason, _ = min(self.errors)
+            total = sum(e[4] for e in self.errors)
             raise DataError(self.path, self.line_of(row), column, reason, more=total - 1)
 
 
 def _read_csv(path: Path, names: list[str]) -> pa.Table:
+    """Every column as text, named as in the header without surrounding spaces (`names` may have them)."""
     try:
-        return pacsv.read_csv(
+        table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False),
@@ -127,30 +135,54 @@ def _read_csv(path: Path, names: list[str]) -> pa.Table:
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         _locate_csv_problem(path, str(exc))
         raise DataError(path, None, None, f"cannot be parsed as CSV: {exc}") from exc
+    # Without this, " price" in a header "item_id, title, price" left the column `price` unread (all defaults).
+    return table.rename_columns([c.strip() for c in table.column_names])
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines as Arrow splits them (a bare \r ends a line too); bytes that are not UTF-8 come out
+    as surrogate escapes, so a reader can say where they are instead of failing."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline=None) as f:
+        yield from enumerate(f, start=1)
+
+
+def _not_utf8(text: str) -> int | None:
+    """The 1-based byte offset of the first byte that is not UTF-8, if any."""
+    bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
+    return None if bad is None else len(text[:bad].encode("utf-8", errors="surrogateescape")) + 1
+
+
+def _fields(path: Path, lineno: int, text: str) -> list[str]:
+    try:
+        return next(csv.reader([text]), [])
+    except csv.Error as exc:
+        raise DataError(path, lineno, None, f"cannot be parsed as CSV: {exc}") from exc
 
 
 def _locate_csv_problem(path: Path, arrow_message: str) -> None:
     """Arrow's parse errors do not give line numbers reliably: rescan to find the bad line."""
-    with path.open("rb") as f:
-        header_line = f.readline()
-        try:
-            header = next(csv.reader([header_line.decode("utf-8")]))
-        except UnicodeDecodeError as exc:
-            raise DataError(path, 1, None, f"not valid UTF-8 ({exc.reason})") from exc
-        for lineno, raw in enumerate(f, start=2):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(path, lineno, None, f"not valid UTF-8 at byte {exc.start + 1}") from exc
-            row = next(csv.reader([text]), [])
-            if not text.strip():
-                raise DataError(path, lineno, None, "empty line")
-            if len(row) != len(header):
-                col = header[len(row)] if len(row) < len(header) else None
-                raise DataError(path, lineno, col, f"expected {len(header)} fields, found {len(row)}")
+    header: list[str] = []
+    for lineno, text in _lines(path):
+        byte = _not_utf8(text)
+        if lineno == 1:
+            if byte is not None:
+                raise DataError(path, 1, None, "header is not valid UTF-8 (save the file as UTF-8)")
+            header = [c.strip() for c in _fields(path, 1, text)]
+            continue
+        if byte is not None:
+            before = _fields(path, lineno, text.encode("utf-8", errors="surrogateescape")[: byte - 1].decode())
+            col = header[len(before) - 1] if 0 < len(before) <= len(header) else None
+            msg = f"not valid UTF-8 at byte {byte} (is the file Latin-1 or Windows-1252? save it as UTF-8)"
+            raise DataError(path, lineno, col, msg)
+        if not text.strip():
+            raise DataError(path, lineno, None, "empty line")
+        row = _fields(path, lineno, text)
+        if len(row) != len(header):
+            col = header[len(row)] if len(row) < len(header) else None
+            raise DataError(path, lineno, col, f"expected {len(header)} fields, found {len(row)}")
 
 
-def _to_frame(path: Path, kind: str) -> tuple[pd.DataFrame, Callable[[int], int]]:
+def _to_table(path: Path, kind: str) -> tuple[pa.Table, Callable[[int], int]]:
     schema = SCHEMAS[kind]
     if path.suffix == ".parquet":
         try:
@@ -160,19 +192,102 @@ def _to_frame(path: Path, kind: str) -> tuple[pd.DataFrame, Callable[[int], int]
         columns = table.column_names
         line_of: Callable[[int], int] = lambda r: r + 1  # noqa: E731 — Parquet has rows, not lines
     else:
-        with path.open("rb") as f:
-            first = f.readline()
-        try:
-            columns = next(csv.reader([first.decode("utf-8-sig")]), [])
-        except UnicodeDecodeError as exc:
-            raise DataError(path, 1, None, "header is not valid UTF-8") from exc
-        columns = [c.strip() for c in columns]
-        table = _read_csv(path, columns)
+        raw_names = _csv_header(path)
+        columns = [c.strip() for c in raw_names]
+        table = _read_csv(path, raw_names)
         line_of = lambda r: r + 2  # noqa: E731 — line 1 is the header
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(path, 1, twice[0], "the column appears more than once in the header")
     missing = [c.name for c in schema if c.required and c.name not in columns]
     if missing:
         raise DataError(path, 1, missing[0], f"required column missing (have: {', '.join(columns)})")
-    return table.to_pandas(), line_of
+    _check_unknown_columns(path, columns, schema)
+    if table.num_rows == 0:
+        raise DataError(path, None, None, "no rows: the file holds no data")
+    if path.suffix == ".parquet":
+        _check_parquet_types(path, table, schema)
+    return table, line_of
+
+
+def _check_unknown_columns(path: Path, columns: list[str], schema: tuple[Column, ...]) -> None:
+    """Other columns are allowed and ignored, but not a misspelt optional one: its default would apply
+    silently (a header `activ` would make every item active)."""
+    known = [c.name for c in schema]
+    for name in columns:
+        if name in known:
+            continue
+        if not name or not name.isprintable():
+            raise DataError(path, 1, name, "a column name that is empty or has control characters")
+        near = difflib.get_close_matches(name, [k for k in known if k not in columns], n=1, cutoff=0.8)
+        if near:
+            raise DataError(path, 1, name, f"unknown column; did you mean {near[0]!r}?")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header's column names, after the checks that make a file with no usable header a clear error."""
+    with path.open("rb") as f:
+        start = f.read(4)
+    for bom, encoding in ((b"\xff\xfe", "UTF-16 (or UTF-32) little-endian"), (b"\xfe\xff", "UTF-16 big-endian")):
+        if start.startswith(bom):
+            raise DataError(path, 1, None, f"encoded as {encoding} (byte-order mark); save it as UTF-8")
+    lines = _lines(path)
+    _, first = next(lines, (1, ""))
+    if not first.strip():
+        raise DataError(path, 1, None, "empty: the first line must be the header naming the columns")
+    if _not_utf8(first) is not None:
+        raise DataError(path, 1, None, "header is not valid UTF-8 (save the file as UTF-8)")
+    if all(not text.strip() for _, text in lines):  # stops at the first data row
+        raise DataError(path, 2, None, "no data rows: the file has only a header")
+    return _fields(path, 1, first)
+
+
+# Parquet column types each kind of column can be read from (text is checked row by row).
+_ARROW_TYPES: dict[str, tuple[Callable[[pa.DataType], bool], ...]] = {
+    "id": (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer),
+    "str": (pa.types.is_string, pa.types.is_large_string),
+    "enum": (pa.types.is_string, pa.types.is_large_string),
+    "float": (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_string),
+    "int": (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_string),
+    "bool": (pa.types.is_boolean, pa.types.is_integer, pa.types.is_string),
+    "timestamp": (pa.types.is_timestamp, pa.types.is_date, pa.types.is_string, pa.types.is_large_string),
+}
+_KIND_NAMES = {
+    "id": "identifiers (text or integers)",
+    "str": "text",
+    "enum": "text",
+    "float": "numbers",
+    "int": "whole numbers",
+    "bool": "booleans",
+    "timestamp": "timestamps (a timestamp or date type, or ISO-8601 text)",
+}
+
+
+def _check_parquet_types(path: Path, table: pa.Table, schema: tuple[Column, ...]) -> None:
+    for col in schema:
+        if col.name not in table.column_names:
+            continue
+        t = table.schema.field(col.name).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if not pa.types.is_null(t) and not any(ok(t) for ok in _ARROW_TYPES[col.kind]):
+            raise DataError(path, None, col.name, f"a Parquet column of type {t} cannot hold {_KIND_NAMES[col.kind]}")
+
+
+def _csv_rows(path: Path, table: pa.Table, chk: _Checker) -> None:
+    """What a CSV row can get wrong that the columns' checks would misreport (all columns are text here)."""
+    empty = [pc.equal(pc.binary_length(table[name]), 0) for name in table.column_names]
+    # A blank line comes out of Arrow as a row of empty fields: say so rather than "empty item_id".
+    blank = functools.reduce(pc.and_, empty)
+    chk.flag(blank.to_numpy(zero_copy_only=False), None, lambda r: "empty line")
+    # A quoted value spanning lines would shift every later row's line number: refuse it where it starts.
+    # Only a quoted value can hold a line break, so a file without quotes needs no scan of its values.
+    with path.open("rb") as f:
+        if not any(b'"' in chunk for chunk in iter(lambda: f.read(1 << 24), b"")):
+            return
+    for name in table.column_names:
+        broken = pc.or_(pc.match_substring(table[name], "\n"), pc.match_substring(table[name], "\r"))
+        chk.flag(broken.to_numpy(zero_copy_only=False), name, lambda r: "a line break inside a quoted value")
 
 
 def _string(df: pd.DataFrame, name: str) -> pd.Series:
@@ -196,8 +311,8 @@ def _column(df: pd.DataFrame, col: Column, chk: _Checker) -> pd.Series:
         limit = MAX_ID_LEN if col.kind == "id" else MAX_TEXT_LEN
         chk.flag((s.str.len() > limit).to_numpy(), col.name, lambda r: f"longer than {limit} characters")
         if col.kind == "id":
-            bad = s.str.contains(r"[{}\s]", regex=True).to_numpy()
-            chk.flag(bad, col.name, lambda r: f"identifier {s.iloc[r]!r} contains braces or whitespace")
+            bad = s.str.contains(ID_FORBIDDEN, regex=True).to_numpy()
+            chk.flag(bad, col.name, lambda r: f"identifier {s.iloc[r]!r} contains braces, whitespace or control codes")
         if col.kind == "enum":
             bad = ~s.isin(EVENT_TYPES).to_numpy()
             chk.flag(bad, col.name, lambda r: f"unknown event type {s.iloc[r]!r}")
@@ -229,15 +344,18 @@ def _column(df: pd.DataFrame, col: Column, chk: _Checker) -> pd.Series:
             return raw.fillna(bool(col.default)).astype(bool)
         text = _string(df, col.name).str.strip().str.lower()
         ok = text.isin(TRUE | FALSE) | (text == "")
-        chk.flag(~ok.to_numpy(), col.name, lambda r: f"not a boolean (true/false): {raw.iloc[r]!r}")
+        chk.flag(~ok.to_numpy(), col.name, lambda r: f"not a boolean (true/false): {str(raw.iloc[r])[:40]!r}")
         return text.isin(TRUE) | ((text == "") & bool(col.default))
     elif col.kind == "timestamp":
         if pd.api.types.is_datetime64_any_dtype(raw):
             ts = pd.to_datetime(raw, utc=True)
+            blank = raw.isna().to_numpy()
         else:
             text = _string(df, col.name).str.strip()
             ts = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
-        bad = ts.isna().to_numpy()
+            blank = ((text == "") | raw.isna()).to_numpy()
+        chk.flag(blank, col.name, lambda r: "empty value")
+        bad = ts.isna().to_numpy() & ~blank
         chk.flag(bad, col.name, lambda r: f"not an ISO-8601 timestamp: {str(raw.iloc[r])[:40]!r}")
         epoch = pd.Timestamp("1970-01-01", tz="UTC")
         seconds = (ts.fillna(epoch) - epoch) // pd.Timedelta(seconds=1)
@@ -261,8 +379,11 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
         raise ValueError(f"unknown data kind {kind!r}")
     if not path.exists():
         raise DataError(path, None, None, "file not found")
-    df, line_of = _to_frame(path, kind)
+    table, line_of = _to_table(path, kind)
     chk = _Checker(path, line_of)
+    if path.suffix != ".parquet":
+        _csv_rows(path, table, chk)
+    df = table.to_pandas()
     frame = _validate(df, kind, chk)
     if kind == "events":
         needs_item = frame["type"] != "email_open"

@@ -17,7 +17,7 @@ async def upsert_items(request: HttpRequest) -> Response:
     runtime: Runtime = request.app.state.runtime
     docs, batch = split_batch(await request.body(), "items")
     good, rejected = validate_each(docs, batch, ItemPatch, "items", "item_id")
-    patches = [(p.item_id, p.model_dump(exclude_unset=True, exclude={"item_id"})) for _, p in good]
+    patches = [(p.item_id, p.changes()) for _, p in good]
     result = await runtime.upsert_items(patches) if patches else None
     if patches and result is None:
         return JSONResponse(

@@ -18,7 +18,11 @@ router = APIRouter(tags=["customers"])
 @router.put(
     "/v1/customers/{customer_id}/consent",
     response_model=ConsentState,
-    responses={422: {"model": ValidationErrorBody}, 503: {"description": "store unavailable; nothing changed"}},
+    responses={
+        400: {"description": "the body is not UTF-8 text"},
+        422: {"model": ValidationErrorBody},
+        503: {"description": "store unavailable; nothing changed"},
+    },
     summary="Record a consent decision (only the channels given change)",
 )
 async def put_consent(

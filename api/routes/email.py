@@ -57,6 +57,7 @@ def _check_placement(runtime: Runtime, where: str, placement: str, slots: int | 
     responses={
         200: {"content": {"text/html": {}}, "description": "JSON by default; an HTML table with format=html"},
         422: {"model": ValidationErrorBody},
+        503: {"description": "not ready: no model or catalog loaded yet"},
     },
     summary="Personalised email slots for one recipient (the same content on every later call)",
 )
@@ -83,7 +84,14 @@ async def email_slots(
 @router.get(
     "/v1/email/click/{token}",
     status_code=302,
-    responses={302: {"description": "to the product page with UTM parameters"}, 403: {"description": "bad link"}},
+    response_class=RedirectResponse,  # documents the 302 without a body
+    responses={
+        302: {"description": "to the product page with UTM parameters"},
+        403: {
+            "description": "bad link (forged, altered or signed with a retired key)",
+            "content": {"application/json": {"schema": {"properties": {"detail": {"type": "string"}}}}},
+        },
+    },
     summary="Follow a signed email link: records the click, then redirects",
 )
 async def email_click(
@@ -110,7 +118,7 @@ def _recipient(entry: Any) -> str:
         if extra:
             raise ValueError(f"unknown field(s) {sorted(extra)}")
         entry = entry.get("customer_id")
-    if not isinstance(entry, str) or not _ID.match(entry):
+    if not isinstance(entry, str) or not _ID.fullmatch(entry):  # fullmatch: `$` also matches before a final \n
         raise ValueError('a customer id (1-128 characters, no spaces or braces) or {"customer_id": ...}')
     return entry
 
@@ -158,5 +166,6 @@ OPENAPI = [
         request=EmailBatchIn,
         response=EmailBatchLine,
         error=ValidationErrorBody,
+        media_type="application/x-ndjson",
     )
 ]

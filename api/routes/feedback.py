@@ -24,7 +24,11 @@ def _refused(field: str, msg: str) -> JSONResponse:
     "/v1/feedback",
     status_code=202,
     response_model=FeedbackOut,
-    responses={422: {"model": ValidationErrorBody}, 503: {"description": "store unavailable; nothing recorded"}},
+    responses={
+        400: {"description": "the body is not UTF-8 text"},
+        422: {"model": ValidationErrorBody},
+        503: {"description": "store unavailable; nothing recorded"},
+    },
     summary="Record a reward (click, add to cart, purchase, or a number) for a shown action",
 )
 async def post_feedback(

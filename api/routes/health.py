@@ -19,13 +19,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis reachable and a model loaded")
+@router.get(
+    "/readyz",
+    summary="Redis reachable and a model loaded",
+    responses={503: {"description": "not ready: the same body, saying what is missing"}},
+)
 async def readyz(runtime: Annotated[Runtime, Depends(get_runtime)]) -> JSONResponse:
     body = await runtime.readiness()
     return JSONResponse(status_code=200 if body["ready"] else 503, content=body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+)
 async def prometheus() -> Response:
     data, content_type = metrics.render()
     return Response(data, media_type=content_type)
