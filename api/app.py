@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api.auth import ApiKeyAuth, parse_keys
+from api.auth import ApiKeyAuth, document_security, parse_keys
 from api.bodies import BodyError, install_openapi
 from api.routes import admin, catalog, customers, email, events, feedback, health, offers, recommendations
 from api.runtime import NotReadyError, Runtime
@@ -59,4 +59,6 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     if keys:
         app.add_middleware(ApiKeyAuth, keys=keys)  # type: ignore[arg-type]
+        plain_openapi = app.openapi
+        app.openapi = lambda: document_security(plain_openapi())  # type: ignore[method-assign]
     return app

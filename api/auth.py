@@ -145,6 +145,28 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+def document_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the bearer scheme, and the 401/403 answers, to every operation of an OpenAPI document that needs a key."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key with the operation's scope: " + ", ".join(SCOPES),
+    }
+    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    for path, operations in schema.get("paths", {}).items():
+        for method, op in operations.items():
+            scope = required_scope(method.upper(), path)
+            if scope is None or not isinstance(op, dict) or "security" in op:
+                continue  # open, or already documented (the document is built once and cached)
+            op["security"] = [{"apiKey": []}]
+            op["description"] = (op.get("description", "") + f"\n\nNeeds an API key with scope `{scope}`.").strip()
+            responses = op.setdefault("responses", {})
+            for status, what in (("401", "no API key, or an unknown one"), ("403", f"the key lacks scope '{scope}'")):
+                responses.setdefault(status, {"description": what, "content": {"application/json": {"schema": detail}}})
+    return schema
+
+
 async def _reply(send: Send, status: int, detail: str) -> None:
     body = orjson.dumps({"detail": detail})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -142,3 +142,13 @@ def test_metrics_can_be_served_on_their_own_port_without_a_key(
         assert scraped.status_code == 200 and "nextbest_model_info{" in scraped.text
     finally:
         _stop(proc)
+
+
+def test_the_openapi_document_says_which_key_each_operation_needs(client):
+    doc = client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    recs = doc["paths"]["/v1/recommendations"]["post"]
+    assert recs["security"] == [{"apiKey": []}] and {"401", "403"} <= set(recs["responses"])
+    assert "scope `decide`" in recs["description"]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+    assert client.get("/openapi.json").json() == doc  # documenting twice changes nothing
