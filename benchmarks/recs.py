@@ -362,7 +362,7 @@ def run_recs_bench(
     if not ks or min(ks) < 1:
         raise ValueError("k must be positive integers")
     params = RecsParams(ks=tuple(sorted(set(ks))), resamples=200 if quick else 1000, seed=seed)
-    report = Report("recs", "Recommendation quality on a time split")
+    report = Report("recs-quick" if quick else "recs", "Recommendation quality on a time split")
     report.params = {
         "quick": quick,
         "seed": seed,
@@ -391,10 +391,12 @@ def run_recs_bench(
         fig = _figure(res, params)
         if fig is not None:
             slug = "".join(c if c.isalnum() else "_" for c in data.name.split(" (")[0].lower()).strip("_")
-            report.add_figure(fig, f"recs_{slug}_at10.png", f"{data.name}: recall and NDCG with 95% bootstrap CIs")
+            caption = f"{data.name}: recall and NDCG with 95% bootstrap CIs"
+            report.add_figure(fig, f"{report.name}_{slug}_at10.png", caption)
     report.print(console)
     path = report.write(out_dir)
-    (out_dir / "recs_results.json").write_text(json.dumps(_results_json(results), indent=2) + "\n", encoding="utf-8")
+    results_doc = json.dumps(_results_json(results), indent=2) + "\n"
+    (out_dir / f"{report.name}_results.json").write_text(results_doc, encoding="utf-8")
     console.print(f"report: {path}")
     return path
 

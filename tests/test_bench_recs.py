@@ -176,14 +176,14 @@ def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
     out = tmp_path / "reports"
     path = run_recs_bench(Console(quiet=True), quick=True, out_dir=out, dataset="synthetic", seed=1)
     text = path.read_text(encoding="utf-8")
-    assert path == out / "recs.md" and (out / "recs_synthetic_shop_at10.png").stat().st_size > 10_000
+    assert path == out / "recs-quick.md" and (out / "recs-quick_synthetic_shop_at10.png").stat().st_size > 10_000
     assert "synthetic events" in text and "ALS minus baseline" in text
-    results = json.loads((out / "recs_results.json").read_text())
+    results = json.loads((out / "recs-quick_results.json").read_text())
     (shop,) = results.values()
     als = shop["protocols"]["new"]["metrics"]["ALS"]["10"]["recall"]
     assert als["low"] <= als["value"] <= als["high"]
     assert set(shop["protocols"]["repeat"]["metrics"]) == {"ALS", "item-to-item", "popularity", "own most-frequent"}
-    assert json.loads((out / "recs.json").read_text())["datasets"][0]["sha256"]
+    assert json.loads((out / "recs-quick.json").read_text())["datasets"][0]["sha256"]
 
 
 @pytest.mark.skipif(
@@ -192,7 +192,7 @@ def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
 )
 def test_quick_run_on_movielens_skips_the_repeat_protocol_honestly(tmp_path: Path) -> None:
     run_recs_bench(Console(quiet=True), quick=True, out_dir=tmp_path, dataset="movielens")
-    (ml,) = json.loads((tmp_path / "recs_results.json").read_text()).values()
+    (ml,) = json.loads((tmp_path / "recs-quick_results.json").read_text()).values()
     assert ml["protocols"]["repeat"]["metrics"] == {}
     assert "0 of" in ml["protocols"]["repeat"]["notes"][0]
     assert ml["protocols"]["new"]["users"] > 50
