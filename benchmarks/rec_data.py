@@ -1,11 +1,13 @@
 """Interaction data for the recommendation benchmark: the shop's events, MovieLens 100K, a user's
-`user_id,item_id,timestamp[,weight]` CSV (validated with file, line and column), and the time split."""
+`user_id,item_id,timestamp[,weight]` CSV (validated with file, line and column), and the two time splits
+(one global cut; each user's own last interactions)."""
 
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,11 +37,20 @@ class RecData:
     source: Path | None = None
 
 
+SplitKind = Literal["global", "per-user"]
+SPLIT_KINDS: tuple[SplitKind, ...] = ("global", "per-user")
+
+
 @dataclass(frozen=True)
 class Split:
-    cut: int  # unix seconds: train is strictly before, test at or after
+    """`global`: train is strictly before `cut`, test at or after it. `per-user`: each user's own last
+    interactions are the test set; `cut` is then one second after the last training interaction, the
+    "now" of time decay and popularity windows (the moment the model would have been trained)."""
+
+    cut: int  # unix seconds
     train: pd.DataFrame
     test: pd.DataFrame
+    kind: SplitKind = "global"
 
 
 def _frame(users: object, items: object, types: object, ts: object, weight: object, positive: object) -> pd.DataFrame:
@@ -194,3 +205,67 @@ def time_split(frame: pd.DataFrame, cut: int) -> Split:
             f"{len(split.test)} test interactions; choose another --test-days/--test-fraction"
         )
     return split
+
+
+def per_user_split(frame: pd.DataFrame, test_fraction: float) -> Split:
+    """Per-user temporal leave-last-fraction-out: each user's last `test_fraction` of interactions in time
+    (rounded, at least 1, at most all but one) are test, their earlier ones train.
+
+    A user's test interactions are strictly later than their training ones: interactions at the boundary
+    second go to test, or to train if the user has nothing earlier. A user with a single interaction, or
+    with all interactions in one second (no order to split on), stays in training only. Other users'
+    interactions are not cut at this user's time, so training holds some that happen after it.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError("test_fraction must be in (0, 1)")
+    ts = frame["timestamp"].to_numpy(dtype=np.int64)
+    codes, _ = pd.factorize(frame["customer_id"])
+    order = np.lexsort((ts, codes))  # by user, then time
+    counts = np.bincount(codes)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    n_test = np.clip(np.floor(counts * test_fraction + 0.5).astype(np.int64), 1, np.maximum(counts - 1, 0))
+    sorted_ts = ts[order]
+    boundary = sorted_ts[starts + counts - np.maximum(n_test, 1)]  # first test interaction's time
+    first = sorted_ts[starts]
+    # Ties at the boundary go to test, unless nothing of the user's is earlier: then they go to train.
+    later_only = boundary == first
+    user_boundary, user_cut_strict = boundary[codes], later_only[codes]
+    test = np.where(user_cut_strict, ts > user_boundary, ts >= user_boundary) & (counts[codes] >= 2)
+    split = Split(0, frame[~test].reset_index(drop=True), frame[test].reset_index(drop=True), "per-user")
+    if split.train.empty or split.test.empty:
+        raise ValueError(
+            f"the per-user split leaves {len(split.train)} training and {len(split.test)} test interactions; "
+            "it needs users with interactions at two or more different times"
+        )
+    return Split(int(split.train["timestamp"].max()) + 1, split.train, split.test, "per-user")
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How to split: one global cut (`test_days` or `test_fraction`), or `per-user` with `test_fraction`.
+    Applied to the full data for the test set and again to the training side for a validation set."""
+
+    kind: SplitKind
+    test_days: float | None = None
+    test_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPLIT_KINDS:
+            raise ValueError(f"unknown split {self.kind!r}; choose {' or '.join(SPLIT_KINDS)}")
+        if self.kind == "per-user" and (self.test_fraction is None or self.test_days is not None):
+            raise ValueError("the per-user split takes a test fraction (--test-fraction), not --test-days")
+        if self.kind == "global" and (self.test_days is None) == (self.test_fraction is None):
+            raise ValueError("the global split takes exactly one of --test-days and --test-fraction")
+
+    def apply(self, frame: pd.DataFrame) -> Split:
+        if self.kind == "per-user":
+            assert self.test_fraction is not None
+            return per_user_split(frame, self.test_fraction)
+        return time_split(frame, cut_time(frame, self.test_days, self.test_fraction))
+
+    def describe(self) -> str:
+        if self.kind == "per-user":
+            return f"each user's last {self.test_fraction:.0%} of interactions in time (at least one)"
+        if self.test_days is not None:
+            return f"last {self.test_days:g} days"
+        return f"last {self.test_fraction:.0%} of interactions"

@@ -1,17 +1,21 @@
-"""The four recommenders of the benchmark, fit on the training side of a time split: ALS (the training
-code of `nextbest train`), item-to-item co-occurrence, popularity and each user's own most-frequent items."""
+"""The recommenders of the benchmark, fit on the training side of a time split: ALS (the training code of
+`nextbest train`) with its default parameters and tuned on a validation split carved out of the training
+data, item-to-item co-occurrence, popularity and each user's own most-frequent items."""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import scipy.sparse as sp
 
-from benchmarks.rec_data import RecData, Split
+from benchmarks.rec_data import RecData, Split, SplitRule
+from benchmarks.rec_metrics import per_user
 from engine.types import SECONDS_PER_DAY
 from training.als import AlsFit, AlsParams, fit_als, fit_matrix
 from training.evaluate import _popular, _top_k_als
@@ -38,9 +42,11 @@ class Models:
     own: dict[str, list[str]]  # user -> positive items, most frequent first (ties: most recent)
     seen: dict[str, set[str]]  # user -> items with a positive training interaction
     fit_seconds: float
+    tuned: AlsFit | None = None  # ALS refit on the whole training side with the parameters `tune_als` chose
 
 
-def _als(data: RecData, train: pd.DataFrame, items: npt.NDArray[np.str_], cut: int, params: AlsParams) -> AlsFit:
+def fit_als_on(data: RecData, train: pd.DataFrame, items: npt.NDArray[np.str_], cut: int, params: AlsParams) -> AlsFit:
+    """ALS on `train`, time-decayed towards `cut` (`half_life_days` = inf: no decay)."""
     if data.event_types:  # exactly what `nextbest train` fits: event weights, time decay
         return fit_als(train, items, cut, params)
     # Same time decay as training.als.interaction_matrix, but with the interactions' own weights.
@@ -82,7 +88,7 @@ def fit_models(data: RecData, split: Split, params: ModelParams) -> Models:
     t0 = time.perf_counter()
     train = split.train
     items = np.unique(train["item_id"].to_numpy(dtype=str))
-    als = _als(data, train, items, split.cut, params.als)
+    als = fit_als_on(data, train, items, split.cut, params.als)
     cosine = item_cosine(train, items, params.neighbours)
     last = train.drop_duplicates(["customer_id", "item_id"], keep="last")  # train is in time order
     recent = last.groupby("customer_id", sort=False).tail(params.recent_items)
@@ -92,7 +98,10 @@ def fit_models(data: RecData, split: Split, params: ModelParams) -> Models:
         (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(recent_users), len(items))
     )
     pos = train[train["positive"]]
-    window = pos[pos["timestamp"] >= split.cut - params.popularity_days * SECONDS_PER_DAY]["item_id"].value_counts()
+    # Per-user split: users' test times are spread over the whole period, so a window before the end of
+    # training would mostly count interactions after them; popularity is then all-time training counts.
+    in_window = pos["timestamp"] >= split.cut - params.popularity_days * SECONDS_PER_DAY
+    window = pos[in_window & (split.kind == "global")]["item_id"].value_counts()
     rank = pd.DataFrame(
         {
             "recent": window.reindex(items, fill_value=0).to_numpy(),
@@ -137,8 +146,8 @@ def recommend_item_to_item(models: Models, users: list[str], exclude: dict[str, 
     return out
 
 
-def recommend_als(models: Models, users: list[str], exclude: dict[str, set[str]], k: int) -> list[list[str]]:
-    return _top_k_als(models.als, users, exclude, k)
+def recommend_als(fit: AlsFit, users: list[str], exclude: dict[str, set[str]], k: int) -> list[list[str]]:
+    return _top_k_als(fit, users, exclude, k)
 
 
 def recommend_popular(models: Models, users: list[str], exclude: dict[str, set[str]], k: int) -> list[list[str]]:
@@ -148,3 +157,139 @@ def recommend_popular(models: Models, users: list[str], exclude: dict[str, set[s
 def recommend_own_frequent(models: Models, users: list[str], k: int) -> list[list[str]]:
     """Not padded: a user with fewer than k earlier items gets a shorter list."""
     return [models.own.get(u, [])[:k] for u in users]
+
+
+def decay_text(params: AlsParams) -> str:
+    return "off" if math.isinf(params.half_life_days) else f"half-life {params.half_life_days:g} d"
+
+
+def als_json(params: AlsParams) -> dict[str, object]:
+    """The parameters as plain JSON (no infinity): `half_life_days` is None when time decay is off."""
+    return {
+        "factors": params.factors,
+        "regularization": params.regularization,
+        "alpha": params.alpha,
+        "iterations": params.iterations,
+        "half_life_days": None if math.isinf(params.half_life_days) else params.half_life_days,
+        "seed": params.seed,
+    }
+
+
+@dataclass(frozen=True)
+class TuningGrid:
+    """Two stages from the default parameters: every regularization × alpha × time decay (on = the
+    default half-life, off = every interaction at full weight) at the default factors, then every
+    number of factors at the best of those. The defaults themselves are always a candidate."""
+
+    factors: tuple[int, ...] = (32, 64, 128)
+    regularization: tuple[float, ...] = (0.05, 0.5, 5.0)
+    alpha: tuple[float, ...] = (1.0, 5.0, 20.0)
+    decay: tuple[bool, ...] = (True, False)
+
+    def stage_one(self, base: AlsParams) -> list[AlsParams]:
+        points = [base] + [
+            replace(base, regularization=r, alpha=a, half_life_days=base.half_life_days if on else math.inf)
+            for on in self.decay
+            for a in self.alpha
+            for r in self.regularization
+        ]
+        return list(dict.fromkeys(points))
+
+    def stage_two(self, best: AlsParams, done: list[AlsParams]) -> list[AlsParams]:
+        return [p for f in self.factors if (p := replace(best, factors=f)) not in done]
+
+    def edges(self, chosen: AlsParams) -> list[str]:
+        """The parameters whose chosen value is the grid's smallest or largest (a wider grid might do better)."""
+        out = []
+        for name, values in (
+            ("factors", self.factors),
+            ("regularization", self.regularization),
+            ("alpha", self.alpha),
+        ):
+            value = getattr(chosen, name)
+            if len(values) > 1 and value in (min(values), max(values)):
+                out.append(f"{name} {value:g}")
+        return out
+
+
+FULL_GRID = TuningGrid()
+# Two points for CI-sized runs: the defaults, and the defaults without time decay.
+QUICK_GRID = TuningGrid(factors=(), regularization=(AlsParams().regularization,), alpha=(AlsParams().alpha,))
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    params: AlsParams
+    recall: float  # mean over validation users at the tuning k
+    ndcg: float
+    seconds: float
+    user_recall: npt.NDArray[np.float64] = field(repr=False, compare=False)  # per validation user, in user order
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The grid's validation scores and the point chosen (highest recall@k, then NDCG@k, then grid order)."""
+
+    chosen: AlsParams
+    points: tuple[GridPoint, ...]
+    k: int
+    validation: Split  # carved out of the training side only
+    validation_users: int
+    seconds: float
+
+
+def tune_als(
+    data: RecData,
+    split: Split,
+    rule: SplitRule,
+    base: AlsParams,
+    grid: TuningGrid,
+    k: int,
+    progress: Callable[[int, AlsParams], None] | None = None,
+) -> Tuning:
+    """Choose ALS parameters on a validation split: `rule` applied again to `split.train` (never
+    `split.test`). Validation users have a positive validation interaction of an item they had no positive
+    of before, and inner-training history; they are scored on those new items, seen ones excluded.
+    Raises ValueError when the training side cannot be split or leaves no validation user."""
+    t0 = time.perf_counter()
+    val = rule.apply(split.train)
+    items = np.unique(val.train["item_id"].to_numpy(dtype=str))
+    if len(items) <= k:
+        raise ValueError(f"the validation split leaves {len(items)} training items; need more than k={k}")
+    pos_train = val.train[val.train["positive"]]
+    seen = {str(u): set(g.tolist()) for u, g in pos_train.groupby("customer_id", sort=False)["item_id"]}
+    pos_val = val.test[val.test["positive"]]
+    known = set(val.train["customer_id"].unique().tolist())
+    truth = {
+        str(u): t
+        for u, g in pos_val.groupby("customer_id", sort=False)["item_id"]
+        if u in known and (t := set(g.tolist()) - seen.get(str(u), set()))
+    }
+    users = sorted(truth)
+    if not users:
+        raise ValueError("the validation split leaves no user with new positive items and training history")
+    truths = [truth[u] for u in users]
+    points: list[GridPoint] = []
+
+    def score(candidates: list[AlsParams]) -> None:
+        for params in candidates:
+            if progress is not None:
+                progress(len(points), params)
+            fit = fit_als_on(data, val.train, items, val.cut, params)
+            values = per_user(_top_k_als(fit, users, seen, k), truths, k)
+            recall, ndcg = values["recall"], values["ndcg"]
+            points.append(GridPoint(params, float(recall.mean()), float(ndcg.mean()), fit.fit_seconds, recall))
+
+    def best() -> AlsParams:
+        order = sorted(range(len(points)), key=lambda n: (-points[n].recall, -points[n].ndcg, n))
+        return points[order[0]].params
+
+    score(grid.stage_one(base))
+    score(grid.stage_two(best(), [p.params for p in points]))
+    return Tuning(best(), tuple(points), k, val, len(users), time.perf_counter() - t0)
+
+
+def grid_size(grid: TuningGrid, base: AlsParams) -> int:
+    """Fits `tune_als` makes with this grid (stage one keeps the base factors, so stage two's size is fixed)."""
+    first = grid.stage_one(base)
+    return len(first) + len(grid.stage_two(first[0], first))

@@ -15,10 +15,20 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from benchmarks.public_data import MOVIELENS_100K, cache_dir
-from benchmarks.rec_data import RecData, _frame, cut_time, load_interactions, time_split
+from benchmarks.rec_data import (
+    RecData,
+    Split,
+    SplitRule,
+    _frame,
+    cut_time,
+    load_interactions,
+    per_user_split,
+    time_split,
+)
 from benchmarks.rec_metrics import Bootstrap, catalog_coverage, per_user, recommended_matrix
-from benchmarks.rec_models import ModelParams, fit_models, item_cosine
-from benchmarks.recs import RecsParams, evaluate_split, run_recs_bench
+from benchmarks.rec_models import ModelParams, TuningGrid, fit_models, item_cosine, tune_als
+from benchmarks.recs import RecsParams, _Input, _rules, evaluate_split, run_recs_bench
+from training.als import AlsParams
 from training.datafiles import DataError
 
 DAY = 86_400
@@ -105,6 +115,78 @@ def test_time_split_puts_every_interaction_before_the_cut_in_train_and_none_afte
     assert len(split.train) + len(split.test) == len(data.frame)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 40)), min_size=2, max_size=150),
+    st.floats(0.05, 0.95),
+)
+def test_per_user_split_puts_each_users_test_interactions_after_all_their_training_ones(
+    rows: list[tuple[int, int]], fraction: float
+) -> None:
+    data = _interactions([(f"u{u}", f"i{t % 13}", t) for u, t in rows])  # few distinct times: many ties
+    frame = data.frame
+    try:
+        split = per_user_split(frame, fraction)
+    except ValueError:  # only when no user has two different times
+        assert (frame.groupby("customer_id")["timestamp"].nunique() < 2).all()
+        return
+    assert len(split.train) + len(split.test) == len(frame)
+    assert split.kind == "per-user" and split.cut > split.train["timestamp"].max()
+    train_last = split.train.groupby("customer_id")["timestamp"].max()
+    test_first = split.test.groupby("customer_id")["timestamp"].min()
+    assert (train_last.reindex(test_first.index) < test_first).all()  # a test user always has training too
+    distinct_times = frame.groupby("customer_id")["timestamp"].nunique()
+    assert set(test_first.index) == set(distinct_times[distinct_times >= 2].index)
+
+
+def test_per_user_split_holds_out_each_users_last_fraction_rounded_and_at_least_one() -> None:
+    counts = {"a": 10, "b": 7, "c": 2, "d": 1}
+    rows = [(u, f"i{j}", 1_000 * j + ord(u)) for u, n in counts.items() for j in range(n)]
+    split = per_user_split(_interactions(rows).frame, 0.2)
+    held_out = split.test.groupby("customer_id").size().to_dict()
+    assert held_out == {"a": 2, "b": 1, "c": 1}  # 2, 1.4 -> 1, 0.4 -> at least 1; "d" cannot be split
+    last_of_a = sorted(t for u, _, t in rows if u == "a")[-2:]
+    assert sorted(split.test.loc[split.test["customer_id"] == "a", "timestamp"]) == last_of_a
+
+
+def test_per_user_split_rejects_test_days() -> None:
+    with pytest.raises(ValueError, match="test fraction"):
+        SplitRule("per-user", test_days=14.0)
+
+
+def _taste_data() -> RecData:
+    """Two groups of users with disjoint tastes over 40 items, each user's items in random time order."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for u in range(60):
+        group = u % 2
+        liked = rng.choice(np.arange(20) + 20 * group, 12, replace=False)
+        for j, item in enumerate(liked):
+            rows.append((f"u{u}", f"i{item}", int(j * DAY + rng.integers(0, DAY))))
+    return _interactions(rows)
+
+
+SMALL_GRID = TuningGrid(factors=(4, 8), regularization=(0.01, 1.0), alpha=(1.0,), decay=(True, False))
+
+
+@pytest.mark.parametrize("kind", ["global", "per-user"])
+def test_als_tuning_chooses_the_same_parameters_whatever_the_test_set_holds(kind: str) -> None:
+    data = _taste_data()
+    rule = SplitRule(kind, None, 0.2)  # type: ignore[arg-type]
+    split = rule.apply(data.frame)
+    base = AlsParams(factors=8, iterations=5)
+    tuned = tune_als(data, split, rule, base, SMALL_GRID, k=5)
+    garbage = _interactions([("nobody", f"i{j}", 10**9 + j) for j in range(50)]).frame
+    swapped = tune_als(data, Split(split.cut, split.train, garbage, split.kind), rule, base, SMALL_GRID, k=5)
+    assert swapped.chosen == tuned.chosen
+    assert [p.recall for p in swapped.points] == [p.recall for p in tuned.points]
+    assert len(tuned.points) == 1 + 4 + 1  # the defaults, reg × decay at 8 factors, then 4 factors
+    # The validation split is carved out of the training side: its rows are exactly the training rows.
+    v = tuned.validation
+    assert len(v.train) + len(v.test) == len(split.train)
+    assert v.test["timestamp"].max() < split.cut if kind == "global" else True
+
+
 def test_models_fit_on_the_split_never_see_a_test_interaction() -> None:
     rows = [(f"u{u}", f"i{(u + j) % 30}", j * DAY + u) for u in range(20) for j in range(10)]
     rows += [(f"u{u}", "late_item", 20 * DAY + u) for u in range(20)]  # exists only after the cut
@@ -177,12 +259,27 @@ def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
     path = run_recs_bench(Console(quiet=True), quick=True, out_dir=out, dataset="synthetic", seed=1)
     text = path.read_text(encoding="utf-8")
     assert path == out / "recs-quick.md" and (out / "recs-quick_synthetic_shop_at10.png").stat().st_size > 10_000
-    assert "synthetic events" in text and "ALS minus baseline" in text
+    assert (
+        "synthetic events" in text
+        and "ALS minus baselines, tuned minus default" in text
+        and "grid scored on the validation" in text
+    )
     results = json.loads((out / "recs-quick_results.json").read_text())
     (shop,) = results.values()
-    als = shop["protocols"]["new"]["metrics"]["ALS"]["10"]["recall"]
+    assert set(shop) == {"global"}  # the shop runs the global split only unless asked
+    als = shop["global"]["protocols"]["new"]["metrics"]["ALS"]["10"]["recall"]
     assert als["low"] <= als["value"] <= als["high"]
-    assert set(shop["protocols"]["repeat"]["metrics"]) == {"ALS", "item-to-item", "popularity", "own most-frequent"}
+    assert set(shop["global"]["protocols"]["repeat"]["metrics"]) == {
+        "ALS",
+        "ALS (tuned)",
+        "item-to-item",
+        "popularity",
+        "own most-frequent",
+    }
+    tuning = shop["global"]["als_tuning"]
+    assert len(tuning["grid"]) == 2 and tuning["chosen"] in [
+        {k: g[k] for k in tuning["chosen"]} for g in tuning["grid"]
+    ]
     assert json.loads((out / "recs-quick.json").read_text())["datasets"][0]["sha256"]
 
 
@@ -190,10 +287,40 @@ def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
     not (cache_dir() / MOVIELENS_100K.package / MOVIELENS_100K.version).exists(),
     reason="MovieLens 100K is not in the local dataset cache (nextbest bench recs --dataset movielens fetches it)",
 )
-def test_quick_run_on_movielens_skips_the_repeat_protocol_honestly(tmp_path: Path) -> None:
-    run_recs_bench(Console(quiet=True), quick=True, out_dir=tmp_path, dataset="movielens")
+def test_quick_run_on_movielens_per_user_tests_every_user_and_skips_the_repeat_protocol_honestly(
+    tmp_path: Path,
+) -> None:
+    path = run_recs_bench(Console(quiet=True), quick=True, out_dir=tmp_path, dataset="movielens", split="per-user")
     (ml,) = json.loads((tmp_path / "recs-quick_results.json").read_text()).values()
-    assert ml["protocols"]["repeat"]["metrics"] == {}
-    assert "0 of" in ml["protocols"]["repeat"]["notes"][0]
-    assert ml["protocols"]["new"]["users"] > 50
-    assert pd.notna(ml["protocols"]["new"]["metrics"]["ALS"]["10"]["ndcg"]["value"])
+    assert set(ml) == {"per-user"}
+    split = ml["per-user"]
+    assert split["protocols"]["repeat"]["metrics"] == {}
+    assert "0 of" in split["protocols"]["repeat"]["notes"][0]
+    assert split["protocols"]["new"]["users"] == 943  # every MovieLens user has 20+ ratings
+    assert pd.notna(split["protocols"]["new"]["metrics"]["ALS (tuned)"]["10"]["ndcg"]["value"])
+    assert "most published MovieLens 100K results" in path.read_text(encoding="utf-8")
+
+
+def test_movielens_runs_both_splits_by_default_and_other_data_only_the_global_one() -> None:
+    ml = _Input(_taste_data(), None, 0.2, True, "ml")
+    shop = _Input(_taste_data(), 14.0, None, False, "shop")
+    assert [r.kind for r in _rules(ml, None, None, None)] == ["global", "per-user"]
+    assert [r.kind for r in _rules(shop, None, None, None)] == ["global"]
+    assert _rules(shop, "both", None, 0.3) == [SplitRule("global", None, 0.3), SplitRule("per-user", None, 0.3)]
+    assert _rules(ml, "global", 7.0, None) == [SplitRule("global", 7.0, None)]
+    with pytest.raises(ValueError, match="test fraction"):
+        _rules(shop, "per-user", 7.0, None)
+
+
+def test_both_splits_of_an_interactions_file_are_reported_side_by_side_with_the_leak_named(tmp_path: Path) -> None:
+    data = _taste_data().frame
+    csv_path = tmp_path / "mine.csv"
+    data.rename(columns={"customer_id": "user_id"})[["user_id", "item_id", "timestamp"]].to_csv(csv_path, index=False)
+    out = tmp_path / "reports"
+    path = run_recs_bench(Console(quiet=True), quick=True, out_dir=out, interactions=csv_path, split="both", ks=(5,))
+    text = path.read_text(encoding="utf-8")
+    assert "both splits side by side" in text and "Leak: the per-user split" in text
+    (mine,) = json.loads((out / "recs-quick_results.json").read_text()).values()
+    assert set(mine) == {"global", "per-user"}
+    assert mine["per-user"]["protocols"]["new"]["users"] == 60  # every user of the file has 12 interactions
+    assert (out / "recs-quick_mine_csv_per_user_at10.png").exists()
