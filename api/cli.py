@@ -316,6 +316,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.recs",
     "benchmarks.ope",
     "benchmarks.ltv",
+    "benchmarks.soak",
 )
 
 
@@ -325,7 +326,7 @@ def bench_latency(
     out: OutDir = Path("benchmarks/reports"),
     endpoint: Annotated[
         str, typer.Option(help="recommendations | offers | email | all (every serving benchmark, side by side)")
-    ] = "recommendations",
+    ] = "all",
 ) -> None:
     """Serving latency at fixed arrival rates and the maximum sustained rate."""
     if endpoint == "offers":
