@@ -1,6 +1,10 @@
 # nextbest API image: one process, `nextbest serve`, configured by environment variables.
 # Build:  docker build -t nextbest .
-# Run:    docker run -p 8000:8000 -e REDIS_URL=redis://redis:6379/0 -v $PWD/var/registry:/data/registry nextbest
+# Run:    docker run -p 8000:8000 -p 9100:9100 -e REDIS_URL=redis://redis:6379/0 \
+#             -e NEXTBEST_API_KEYS="shop-web:decide:<sha256>,esp:email:<sha256>,etl:ingest:<sha256>,ops:admin:<sha256>" \
+#             -e NEXTBEST_EMAIL_SIGNING_KEYS="k1:<32+ random characters>" -e NEXTBEST_PUBLIC_URL=https://decide.example.com \
+#             -v $PWD/var/registry:/data/registry nextbest
+# Keys: `nextbest keys new --name shop-web --scopes decide` prints a key and its entry (only the hash is configured).
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
@@ -26,10 +30,12 @@ ENV PATH=/venv/bin:$PATH \
     NEXTBEST_PORT=8000 \
     NEXTBEST_WORKERS=2 \
     NEXTBEST_DATA_DIR=/data \
+    NEXTBEST_METRICS_PORT=9100 \
     OPENBLAS_NUM_THREADS=1
 USER nextbest
 WORKDIR /data
-EXPOSE 8000
+# 8000: the API (API keys from NEXTBEST_API_KEYS; without them it runs open and warns); 9100: /metrics, no key.
+EXPOSE 8000 9100
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
 # Without REDIS_URL the embedded Redis starts under /data (fine for a trial; use a real Redis in production).
