@@ -36,7 +36,7 @@ class IngestSpec:
 
 
 FULL = IngestSpec((2_500, 5_000, 10_000, 15_000, 20_000), 50, 15.0, 100_000, 5_000)
-QUICK = IngestSpec((1_000, 2_500), 50, 3.0, 5_000, 500)
+QUICK = IngestSpec((1_000,), 50, 3.0, 5_000, 500)
 
 
 def _bodies(spec: IngestSpec, rate: float, n_requests: int, rng: np.random.Generator) -> tuple[list[Request], set[str]]:
