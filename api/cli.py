@@ -260,6 +260,8 @@ def serve(
 
             start_metrics_server(settings.metrics_port, host or settings.host)
             console.print(f"metrics on http://{host or settings.host}:{settings.metrics_port}/metrics")
+        # Workers read their settings from the environment: what this command was told wins there too.
+        os.environ["NEXTBEST_HOST"], os.environ["NEXTBEST_PORT"] = host or settings.host, str(port or settings.port)
         uvicorn.run(
             "api.app:create_app",
             factory=True,

@@ -111,7 +111,7 @@ class Runtime:
         keys_setting = settings.email_signing_keys.get_secret_value() if settings.email_signing_keys else None
         self.email_signer = ClickSigner.from_setting(keys_setting)
         self.email = EmailSlots(self)
-        self.email_renderer = EmailRenderer(self.email_signer, settings.public_url)
+        self.email_renderer = EmailRenderer(self.email_signer, settings.click_base_url)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,7 +150,7 @@ class Runtime:
                 "are signed with a key of this process only",
                 exc,
             )
-        self.email_renderer = EmailRenderer(self.email_signer, self.settings.public_url)
+        self.email_renderer = EmailRenderer(self.email_signer, self.settings.click_base_url)
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -59,11 +59,16 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port too, without a key (for a scraper)"
     )
-    public_url: str = Field(
-        "http://127.0.0.1:8000",
+    public_url: str | None = Field(
+        None,
         pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
-        description="this service's address as email recipients reach it (click links point here)",
+        description="this service's address as email recipients reach it (click links point here); "
+        "default http://<host>:<port>",
     )
+
+    @property
+    def click_base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
 
     @property
     def registry_path(self) -> Path:
