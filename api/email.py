@@ -70,48 +70,22 @@ class EmailSlots:
         # budget of writes, not the request path's few milliseconds.
         self.batch_store = EmailStore(runtime.ingest_client, runtime.keys)
 
-    # ---- single call --------------------------------------------------------------------------------
     async def slots(self, req: SlotsRequest) -> EmailAnswer:
-        rt = self.runtime
-        state = rt.state
-        if state is None:
-            from api.runtime import NotReadyError  # runtime imports this module
+        """One recipient on the request path: its round trips get the request's budgets."""
+        (answer,) = await self._answers([req], self.store, self.runtime.caps_client)
+        return answer
 
-            raise NotReadyError("no catalog loaded yet")
-        if not rt.breaker.allow():
-            return self._fallback(state, req, "redis_circuit_open", None)
-        try:
-            read = await self.store.read(req.customer_id, req.campaign_id)
-        except StoreUnavailableError as exc:
-            rt.store_failed("email", exc)
-            return self._fallback(state, req, "redis_unavailable", None)
-        await rt.store_succeeded(read.catalog_version)
-        state = rt.state or state
-        profile, reason = self._profile(req.customer_id, read)
-        country = profile.country if profile else None
-        if read.stored is not None:
-            answer = await self._read_back(state, req, read.stored, profile)
-            if answer is not None:
-                return answer
-        decision, content, offers = await self._decide(state, req, profile, reason)
-        try:
-            existing = await self.store.store_first(
-                req.customer_id, req.campaign_id, content.to_bytes(), state.rules.email.content_ttl
-            )
-        except StoreUnavailableError as exc:
-            rt.store_failed("email", exc)
-            return self._fallback(state, req, "redis_unavailable", country)
-        if existing is not None:
-            metrics.EMAIL_SLOTS.labels("race_lost").inc()
-            return EmailAnswer(EmailContent.from_bytes(existing), "stored", country)
-        await self.runtime.log_decisions(self._log_records(state, decision, offers, req, profile))
-        metrics.EMAIL_SLOTS.labels("decided").inc()
-        return EmailAnswer(content, "decided", country)
-
-    # ---- batch (pre-send) ------------------------------------------------------------------------
     async def slots_many(self, reqs: list[SlotsRequest]) -> list[EmailAnswer]:
-        """`slots` for many recipients of one campaign, with a round trip per step instead of per recipient:
-        one read, one cap reservation for all offer slots, one store. Each answer is what `slots` gives."""
+        """Many recipients of one campaign (the pre-send batch), with the patient budget of writes."""
+        return await self._answers(reqs, self.batch_store, self.runtime.ingest_client)
+
+    async def _answers(
+        self, reqs: list[SlotsRequest], store: EmailStore, caps_client: RedisClient
+    ) -> list[EmailAnswer]:
+        """The content of each recipient of one campaign, with a round trip per step, not per recipient:
+        one read (profile, catalog version, stored content), one cap reservation for all offer slots,
+        one store-if-absent, one log write. Stored content is read back (sold-out items replaced); a
+        first call decides; Redis trouble gives bestsellers, not stored."""
         rt = self.runtime
         state = rt.state
         if state is None:
@@ -124,7 +98,7 @@ class EmailSlots:
         if not rt.breaker.allow():
             return [self._fallback(state, r, "redis_circuit_open", None) for r in reqs]
         try:
-            reads = await self.batch_store.read_many([r.customer_id for r in reqs], campaign)
+            reads = await store.read_many([r.customer_id for r in reqs], campaign)
         except StoreUnavailableError as exc:
             rt.store_failed("email", exc)
             return [self._fallback(state, r, "redis_unavailable", None) for r in reqs]
@@ -133,24 +107,24 @@ class EmailSlots:
         answers: list[EmailAnswer | None] = [None] * len(reqs)
         fresh: list[tuple[int, Decision, Profile | None, OfferRequest | None, OfferPlan | None]] = []
         profiles = [self._profile(req.customer_id, read) for req, read in zip(reqs, reads, strict=True)]
-        # One campaign, one placement: score every recipient's offers in one model run per model.
-        wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
-        scores = propensities_many(rt, [p for p, _ in profiles]) if wants_offers else [None] * len(reqs)
         for j, (req, read) in enumerate(zip(reqs, reads, strict=True)):
-            profile, reason = profiles[j]
             if read.stored is not None:
-                answers[j] = await self._read_back(state, req, read.stored, profile)
-                if answers[j] is not None:
-                    continue
+                answers[j] = await self._read_back(state, req, read.stored, profiles[j][0], store)
+        pending = [j for j, a in enumerate(answers) if a is None]
+        # One campaign, one placement: score the offers of every recipient to decide in one run per model.
+        wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
+        scored = propensities_many(rt, [profiles[j][0] for j in pending]) if wants_offers else []
+        scores = dict(zip(pending, scored, strict=False))
+        for j in pending:
+            req, (profile, reason) = reqs[j], profiles[j]
             decision = self._recommend(state, req, profile, reason)
-            n_offers = state.rules.placement(req.placement).offer_slots
-            if n_offers and state.rules.offers:
-                wanted = OfferRequest(req.customer_id, "email", n_offers)
-                fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason, scores[j])))
+            if wants_offers:
+                wanted = OfferRequest(req.customer_id, "email", state.rules.placement(req.placement).offer_slots)
+                fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason, scores.get(j))))
             else:
                 fresh.append((j, decision, profile, None, None))
         to_reserve = [(o, p) for _, _, _, o, p in fresh if o is not None and p is not None and p.ranked]
-        reservations = iter(await _reserve_plans(rt, to_reserve, rt.ingest_client) if to_reserve else [])
+        reservations = iter(await _reserve_plans(rt, to_reserve, caps_client) if to_reserve else [])
         contents: list[tuple[int, Decision, EmailContent, OfferAnswer | None, Profile | None]] = []
         for j, decision, profile, offer_req, plan in fresh:
             offers = None
@@ -160,13 +134,13 @@ class EmailSlots:
             contents.append((j, decision, self._content(reqs[j], decision, offers), offers, profile))
         ttl = state.rules.email.content_ttl
         try:
-            existing = await self.batch_store.store_first_many(
+            existing = await store.store_first_many(
                 [(reqs[j].customer_id, campaign, c.to_bytes(), ttl) for j, _, c, _, _ in contents]
             )
         except StoreUnavailableError as exc:
             rt.store_failed("email", exc)
-            for j, *_ in contents:
-                answers[j] = self._fallback(state, reqs[j], "redis_unavailable", None)
+            for j, _, _, _, profile in contents:
+                answers[j] = self._fallback(state, reqs[j], "redis_unavailable", profile.country if profile else None)
             return [a for a in answers if a is not None]
         records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
         for (j, decision, content, offers, profile), other in zip(contents, existing, strict=True):
@@ -202,7 +176,7 @@ class EmailSlots:
             return None, "profile_unreadable"
 
     async def _read_back(
-        self, state: ServingState, req: SlotsRequest, raw: bytes, profile: Profile | None
+        self, state: ServingState, req: SlotsRequest, raw: bytes, profile: Profile | None, store: EmailStore
     ) -> EmailAnswer | None:
         """The stored content, with sold-out items replaced in place; None if it cannot be read."""
         country = profile.country if profile else None
@@ -216,7 +190,7 @@ class EmailSlots:
         refreshed = replace_unavailable(content, state, profile, req.customer_id)
         if refreshed is not None:
             try:
-                now = await self.store.replace_if_same(req.customer_id, req.campaign_id, raw, refreshed.to_bytes())
+                now = await store.replace_if_same(req.customer_id, req.campaign_id, raw, refreshed.to_bytes())
             except StoreUnavailableError as exc:
                 self.runtime.store_failed("email", exc)
                 now = None
@@ -225,18 +199,6 @@ class EmailSlots:
             metrics.EMAIL_SLOTS.labels("replaced").inc()
         metrics.EMAIL_SLOTS.labels("stored").inc()
         return EmailAnswer(content, "stored", country)
-
-    async def _decide(
-        self, state: ServingState, req: SlotsRequest, profile: Profile | None, reason: str | None
-    ) -> tuple[Decision, EmailContent, OfferAnswer | None]:
-        rt = self.runtime
-        decision = self._recommend(state, req, profile, reason)
-        offers = None
-        n_offers = state.rules.placement(req.placement).offer_slots
-        if n_offers and state.rules.offers:
-            offer_req = OfferRequest(req.customer_id, "email", n_offers)
-            offers = await _offers_for(rt, offer_req, profile, reason)
-        return decision, self._content(req, decision, offers), offers
 
     def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None) -> EmailContent:
         chosen = [(o.offer_id, o.priority_class) for o in offers.offers] if offers else []
@@ -269,16 +231,6 @@ class EmailSlots:
         )
         metrics.EMAIL_SLOTS.labels("fallback").inc()
         return EmailAnswer(content_from_decision(req.campaign_id, decision, []), "fallback", country)
-
-
-async def _offers_for(rt: Runtime, req: OfferRequest, profile: Profile | None, reason: str | None) -> OfferAnswer:
-    plan = plan_offers(rt, req, profile, reason)
-    reservation: Reservation | None = None
-    if not plan.store_down and plan.ranked:
-        reservation = (await _reserve_plans(rt, [(req, plan)], rt.caps_client))[0]
-    elif not plan.store_down:
-        reservation = Reservation(granted=(), refused={})
-    return settle(plan, req, reservation)
 
 
 async def _reserve_plans(

@@ -22,7 +22,7 @@ import orjson
 from rich.console import Console
 
 from benchmarks.latency import bench_root, free_port, load_shop_into, prepare_shop, start_server, trained_registry
-from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
+from benchmarks.loadgen import TABLE_HEADERS, LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report, new_figure
 
 P99_BUDGET_MS = 10.0
@@ -56,20 +56,6 @@ def _slot_requests(ids: list[str], campaign: str, n: int, seed: int) -> list[Req
         camp = campaign if k < len(ids) else f"{campaign}-{k // len(ids)}"
         out.append(Request("GET", f"/v1/email/slots/{camp}/{customer}?placement=email:weekly&slots=4"))
     return out
-
-
-def _row(phase: str, r: LoadResult) -> list[object]:
-    return [
-        phase,
-        r.rate,
-        round(r.achieved_rate, 1),
-        round(r.p50, 2),
-        round(r.p95, 2),
-        round(r.p99, 2),
-        round(r.max, 2),
-        r.errors + r.timeouts,
-        sum(v for k, v in r.status_counts.items() if k != 200),
-    ]
 
 
 def _serve_shop(spec: EmailSpec, console: Console, report: Report) -> tuple[Any, Path, list[str], Path]:
@@ -115,8 +101,8 @@ def run_email_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> 
     }
     report.add_table(
         "GET /v1/email/slots/{campaign}/{customer} (4 product slots + 1 offer slot, open loop)",
-        ["phase", "rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200"],
-        [_row(phase, r) for phase, r in results],
+        ["phase", *TABLE_HEADERS],
+        [[phase, *r.table_row()] for phase, r in results],
         note=f"target p99 ≤ {P99_BUDGET_MS:g} ms at 500 req/s. Maximum sustained rate (achieved ≥ 97 %, no errors, "
         f"p99 within budget): first decision {max(ok['first decision'], default='none')} req/s, stored read-back "
         f"{max(ok['stored read-back'], default='none')} req/s. Every first call is a new (campaign, customer) pair; "

@@ -21,7 +21,7 @@ import orjson
 from rich.console import Console
 
 from api.readiness import wait_until_ready
-from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
+from benchmarks.loadgen import TABLE_HEADERS, LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 
 P99_BUDGET_MS = 10.0
@@ -317,19 +317,9 @@ def run_latency_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     sustained = max(ok) if ok else None
     report.add_table(
         "POST /v1/recommendations under open-loop load",
-        ["rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200", "store fallbacks"],
+        [*TABLE_HEADERS, "store fallbacks"],
         [
-            [
-                r.rate,
-                round(r.achieved_rate, 1),
-                round(r.p50, 2),
-                round(r.p95, 2),
-                round(r.p99, 2),
-                round(r.max, 2),
-                r.errors + r.timeouts,
-                sum(v for k, v in r.status_counts.items() if k != 200),
-                f"{_store_fallbacks(f) / f['decisions']:.2%}" if f.get("decisions") else "-",
-            ]
+            [*r.table_row(), f"{_store_fallbacks(f) / f['decisions']:.2%}" if f.get("decisions") else "-"]
             for r, f in zip(results, per_rate, strict=True)
         ],
         note=f"maximum sustained rate (achieved ≥ 97 %, no errors, p99 ≤ {P99_BUDGET_MS:g} ms, no store "

@@ -117,6 +117,19 @@ class LoadResult:
         offered = min(self.rate, self.sent / self.duration_s)
         return self.achieved_rate >= 0.97 * offered and self.p99 <= p99_budget_ms
 
+    def table_row(self) -> list[object]:
+        """The cells under `TABLE_HEADERS`, as every serving report shows a rate."""
+        return [
+            self.rate,
+            round(self.achieved_rate, 1),
+            round(self.p50, 2),
+            round(self.p95, 2),
+            round(self.p99, 2),
+            round(self.max, 2),
+            self.errors + self.timeouts,
+            sum(v for k, v in self.status_counts.items() if k != 200),
+        ]
+
     def summary(self) -> dict[str, float | int]:
         """Flat numbers for a report table row."""
         return {
@@ -135,6 +148,9 @@ class LoadResult:
             "send_lag_p99_ms": self.send_lag_p99_ms,
             "cpu_s": self.cpu_s,
         }
+
+
+TABLE_HEADERS = ("rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200")
 
 
 def max_sustained_rate(results: Sequence[LoadResult], p99_budget_ms: float) -> float | None:

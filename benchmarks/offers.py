@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 
 from benchmarks.latency import bench_root, free_port, load_shop_into, prepare_shop, start_server, trained_registry
-from benchmarks.loadgen import LoadResult, Request, run_rate_sweep
+from benchmarks.loadgen import TABLE_HEADERS, LoadResult, Request, run_rate_sweep
 from benchmarks.report import Report
 
 P99_BUDGET_MS = 10.0
@@ -164,20 +164,8 @@ def run_offers_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
     ok = [r.rate for r in results if r.sustained(P99_BUDGET_MS)]
     report.add_table(
         f"POST /v1/offers/next-best with {spec.offers} offers (open loop)",
-        ["rate (req/s)", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "non-200"],
-        [
-            [
-                r.rate,
-                round(r.achieved_rate, 1),
-                round(r.p50, 2),
-                round(r.p95, 2),
-                round(r.p99, 2),
-                round(r.max, 2),
-                r.errors + r.timeouts,
-                sum(v for k, v in r.status_counts.items() if k != 200),
-            ]
-            for r in results
-        ],
+        list(TABLE_HEADERS),
+        [r.table_row() for r in results],
         note=f"target p99 ≤ {P99_BUDGET_MS:g} ms at 300 req/s; maximum sustained rate (achieved ≥ 97 %, no errors, "
         f"p99 within budget): {max(ok) if ok else 'none'} req/s. Each request: profile and features in one Redis "
         "round trip, four ONNX models, arbitration of 50 offers, holdouts, the cap reservation script, the log write. "

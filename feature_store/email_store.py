@@ -65,21 +65,8 @@ class EmailStore:
         self.client = client
         self.keys = keys
 
-    async def read(self, customer_id: str, campaign_id: str) -> EmailRead:
-        """Profile, catalog version and stored content, in one round trip."""
-        k = self.keys
-        raw, version, stored = await self._pipeline(
-            "email read",
-            [
-                ("GET", k.profile(customer_id)),
-                ("GET", k.catalog_version),
-                ("GET", k.email_content(customer_id, campaign_id)),
-            ],
-        )
-        return EmailRead(raw, int(version) if version is not None else None, stored)
-
     async def read_many(self, customer_ids: Sequence[str], campaign_id: str) -> list[EmailRead]:
-        """`read` for many recipients in one round trip (the batch endpoint)."""
+        """Profile, catalog version and stored content of each recipient, in one round trip."""
         k = self.keys
         commands: list[tuple[Arg, ...]] = [("GET", k.catalog_version)]
         for cid in customer_ids:
@@ -88,15 +75,9 @@ class EmailStore:
         version = int(replies[0]) if replies[0] is not None else None
         return [EmailRead(replies[1 + 2 * j], version, replies[2 + 2 * j]) for j in range(len(customer_ids))]
 
-    async def store_first(self, customer_id: str, campaign_id: str, content: bytes, ttl_s: int) -> bytes | None:
-        """Store content unless some is there; returns the content already stored (which wins), else None."""
-        (reply,) = await self._scripts(
-            "email store", STORE_FIRST, [_store_call(self.keys, customer_id, campaign_id, content, ttl_s)]
-        )
-        return reply if isinstance(reply, bytes) else None
-
     async def store_first_many(self, items: Sequence[tuple[str, str, bytes, int]]) -> list[bytes | None]:
-        """`store_first` for many (customer, campaign, content, ttl) in one round trip."""
+        """Store each (customer, campaign, content, ttl) unless content is there, in one round trip; per item
+        the content already stored (which wins), else None."""
         if not items:
             return []
         calls = [_store_call(self.keys, cid, campaign, content, ttl) for cid, campaign, content, ttl in items]
