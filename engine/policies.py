@@ -199,7 +199,10 @@ def _distributions(
 def expected_rates(spec: Thompson | ThompsonLift, scores: FloatArray) -> FloatArray:
     """The click rate the ranker implies per pool item: `prior_ctr` × score relative to the pool's best."""
     peak = float(scores.max()) if len(scores) else 0.0
-    share = np.clip(scores / peak, _PRIOR_FLOOR, 1.0) if peak > 0 else np.ones(len(scores))
+    if peak <= 0:
+        return np.full(len(scores), spec.prior_ctr, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a subnormal peak overflows the ratio; the clip bounds it at 1 anyway
+        share = np.clip(scores / peak, _PRIOR_FLOOR, 1.0)
     return np.asarray(spec.prior_ctr * share, dtype=np.float64)
 
 
