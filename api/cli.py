@@ -319,6 +319,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.ope",
     "benchmarks.ltv",
     "benchmarks.soak",
+    "benchmarks.memory",
 )
 
 

@@ -97,8 +97,9 @@ if changed then
   p['v'] = table.concat(views, ',')
   p['k'] = table.concat(cart, ',')
   p['p'] = table.concat(chunks, ';')
-  p['o'] = tostring(orders)
-  p['m'] = string.format('%.2f', spend)
+  -- Zero orders and spend are left out, as feature_store.profiles writes them (nil removes the field).
+  p['o'] = orders > 0 and tostring(orders) or nil
+  p['m'] = spend ~= 0 and string.format('%.2f', spend) or nil
   p['u'] = string.format('%d', updated)
   if not p['ps'] then p['ps'] = pid end
   for _, f in ipairs({'v', 'k', 'p'}) do if p[f] == '' then p[f] = nil end end

@@ -31,9 +31,10 @@ trip on one node; the catalog's keys share ``{catalog}``.
 A string rather than a hash: a hash with a value over 64 bytes leaves Redis's compact listpack
 encoding and costs three times the memory. Profile fields: ``v`` recent views (comma-separated ids,
 newest first), ``k`` cart, ``p`` purchases
-(``item:count:first_day:last_day`` joined by ``;``, newest first), ``a`` category affinities
-(``category:weight`` joined by ``;``), ``cs`` consent bits, ``o`` orders, ``m`` spend, ``u`` updated at,
-``ps`` the random pseudonym the decision log knows the customer by (kept across bulk reloads).
+(``item:count:first_day:last_day`` joined by ``;``, newest first), ``cs`` consent bits, ``o`` orders,
+``m`` spend, ``u`` updated at, ``ps`` the random pseudonym the decision log knows the customer by (kept
+across bulk reloads), ``x`` the load-time snapshot (segment, country, category affinities, model features);
+defaults are left out. The exact format, and the older one still read, is in feature_store.profiles.
 
 Caps (``feature_store.caps``): a scope is free-form, e.g. ``offer:<id>``, ``class:<priority class>``,
 ``channel:<channel>``; a cap key's members are ``<ms>:<nonce>:<offer_id>``, one per impression. The

@@ -23,11 +23,13 @@ from feature_store.resp import RespConnectionError, RespError
 BATCH = 2_000
 
 # Replace a profile but keep its pseudonym (or give it the new one): the new JSON object, written by
-# Python without "ps", gets the field appended before its closing brace.
+# Python without "ps", gets the field appended before its closing brace. The object is "{}" for a customer
+# whose every field is a default (feature_store.profiles leaves those out).
 KEEP_PSEUDONYM = r"""
 local old = redis.call('GET', KEYS[1])
 local ps = (old and string.match(old, '"ps":"(%x+)"')) or ARGV[2]
-local doc = string.sub(ARGV[1], 1, -2) .. ',"ps":"' .. ps .. '"}'
+local sep = (ARGV[1] == '{}') and '' or ','
+local doc = string.sub(ARGV[1], 1, -2) .. sep .. '"ps":"' .. ps .. '"}'
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', KEYS[1], doc, 'EX', ARGV[3])
 else
