@@ -16,8 +16,8 @@ import numpy as np
 from engine import candidates as cs
 from engine import policies
 from engine.catalog import BoolArray, IntArray
-from engine.ids import decision_seed, new_decision_id
-from engine.rerank import blend, diversify, rank
+from engine.ids import decision_rng, new_decision_id
+from engine.rerank import blend, diversify
 from engine.rules import Exploration, Greedy, Placement, ThompsonLift
 from engine.state import ServingState
 from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShadowDecision, ShownItem
@@ -39,7 +39,6 @@ REASONS_BY_MASK = tuple(
     tuple(dict.fromkeys(REASON[src] for k, src in enumerate(REASON_BITS) if mask >> k & 1))
     for mask in range(1 << len(REASON_BITS))
 )
-HEAD_FACTOR = 6
 GREEDY = Greedy()
 
 
@@ -140,18 +139,12 @@ def recommend(
     final, margin_term = blend(state, req.placement, affinity, placement.rerank)
     candidates = found & ~banned
     cap = placement.rerank.max_per_category
-    # Diversity usually needs only the head of the ranking; rank everything only if the head falls short.
     pool_size = max(spec.pool, req.limit)
-    head = max(HEAD_FACTOR * req.limit, 2 * pool_size)
-    ranked = rank(final, candidates, top=head)
-    chosen, overflow = diversify(ranked, state.catalog.category, cap)
-    if len(chosen) < pool_size and len(ranked) == head:
-        chosen, overflow = diversify(rank(final, candidates), state.catalog.category, cap)
+    pool, overflow = diversify(final, candidates, state.catalog.category, cap, pool_size, req.limit)
     # The policy picks the shown items from the diversified head (any subset keeps the category cap).
-    pool = chosen[:pool_size]
     pool_scores = final[pool].astype(np.float64)
     pool_arms = _pool_arms(arms, req.placement, pool)
-    rng = np.random.default_rng(decision_seed(decision_id))
+    rng = decision_rng(decision_id)
     selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
     chosen = pool[selection.order]
     propensity = selection.propensities

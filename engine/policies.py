@@ -7,6 +7,7 @@ before it), which is what off-policy evaluation of slates needs. The only random
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,17 +163,30 @@ def _plackett_luce(logits: FloatArray, order: IntArray) -> FloatArray:
     """Softmax without replacement: P(order[j] | order[:j]) = exp(l[a_j]) / Σ exp(l) over the remaining.
 
     The remaining items at slot j are order[j:] plus everything never taken; their log-sum-exp is built
-    from a reverse running log-sum-exp, so no probability suffers cancellation or underflow to 0/0.
+    from the back as a running log-sum-exp, so no probability suffers cancellation or underflow to 0/0.
+    In plain floats: a pool is a few dozen items, where a dozen numpy calls cost more than the arithmetic.
     """
-    picked = logits[order]
-    rest_mask = np.ones(len(logits), dtype=np.bool_)
-    rest_mask[order] = False
-    tail = np.logaddexp.accumulate(picked[::-1])[::-1]  # log Σ exp(l) over order[j:]
-    if rest_mask.any():
-        rest = logits[rest_mask]
-        peak = float(rest.max())
-        tail = np.logaddexp(tail, peak + np.log(np.exp(rest - peak).sum()))
-    return np.exp(picked - tail)
+    values = logits.tolist()
+    taken = order.tolist()
+    chosen = set(taken)
+    rest = [v for i, v in enumerate(values) if i not in chosen]
+    tail = -math.inf
+    if rest:
+        peak = max(rest)
+        tail = peak + math.log(math.fsum(math.exp(v - peak) for v in rest))
+    out = [0.0] * len(taken)
+    for j in range(len(taken) - 1, -1, -1):
+        picked = values[taken[j]]
+        tail = _logaddexp(tail, picked)
+        out[j] = math.exp(picked - tail)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    peak = a if a > b else b
+    return peak + math.log1p(math.exp(-abs(a - b)))
 
 
 def _distributions(

@@ -21,31 +21,29 @@ def blend(state: ServingState, placement: str, affinity: FloatArray, rerank: Rer
     return (affinity * np.float32(scale) + value).astype(np.float32, copy=False), margin_term
 
 
-def diversify(order: IntArray, categories: IntArray, max_per_category: int) -> tuple[IntArray, IntArray]:
-    """Split a ranked list into items within the per-category cap and the ones beyond it (both ranked).
+def diversify(
+    scores: FloatArray, candidates: BoolArray, categories: IntArray, max_per_category: int, need: int, spare: int
+) -> tuple[IntArray, IntArray]:
+    """The best `need` candidates within the per-category cap, and the best `spare` of those the cap left out.
 
-    Vectorised: a stable sort by category keeps the score order inside each category, so an item's
-    rank in its category is its position minus the start of its category's run.
+    Both in descending score order, ties to the lower position. The candidates are ranked once (a few
+    hundred) and walked in plain Python until `need` are taken: measured on the 5k-item shop this costs
+    less than a vectorised split (a stable sort by category and a dozen more numpy calls), and far less
+    than ranking a head first and everything again when the cap leaves the head short.
     """
-    if len(order) == 0:
-        return order, order
-    cats = categories[order]
-    by_cat = np.argsort(cats, kind="stable")
-    sorted_cats = cats[by_cat]
-    boundary = np.empty(len(sorted_cats), dtype=np.bool_)
-    boundary[0] = True
-    np.not_equal(sorted_cats[1:], sorted_cats[:-1], out=boundary[1:])
-    starts = np.flatnonzero(boundary)
-    run_start = np.repeat(starts, np.diff(np.append(starts, len(sorted_cats))))
-    rank_in_cat = np.empty(len(order), dtype=np.int64)
-    rank_in_cat[by_cat] = np.arange(len(order)) - run_start
-    within = rank_in_cat < max_per_category
-    return order[within], order[~within]
-
-
-def rank(scores: FloatArray, candidates: BoolArray, top: int | None = None) -> IntArray:
-    """Candidate positions by descending score; only the best `top` when given (partial sort)."""
     idx = np.flatnonzero(candidates)
-    if top is not None and len(idx) > top:
-        idx = idx[np.argpartition(-scores[idx], top - 1)[:top]]
-    return idx[np.argsort(-scores[idx], kind="stable")].astype(np.int64)
+    order = idx[np.argsort(-scores[idx], kind="stable")]
+    counts: dict[int, int] = {}
+    within: list[int] = []
+    beyond: list[int] = []
+    if need > 0:
+        for item, cat in zip(order.tolist(), categories[order].tolist(), strict=True):
+            seen = counts.get(cat, 0)
+            if seen < max_per_category:
+                counts[cat] = seen + 1
+                within.append(item)
+                if len(within) == need:
+                    break
+            elif len(beyond) < spare:
+                beyond.append(item)
+    return np.asarray(within, dtype=np.int64), np.asarray(beyond, dtype=np.int64)

@@ -1,0 +1,69 @@
+"""The re-ranking stages and a decision's random generator, against plain reference implementations."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.ids import decision_rng, decision_seed, new_decision_id
+from engine.rerank import diversify
+
+
+def _walk(scores, candidates, categories, cap, need, spare):
+    """The reference: rank every candidate (ties to the lower position), then skip items whose category is full."""
+    order = sorted(np.flatnonzero(candidates).tolist(), key=lambda i: (-scores[i], i))
+    counts: dict[int, int] = {}
+    within, beyond = [], []
+    for i in order:
+        c = int(categories[i])
+        if counts.get(c, 0) < cap:
+            counts[c] = counts.get(c, 0) + 1
+            within.append(i)
+        else:
+            beyond.append(i)
+    return within[:need], beyond[:spare]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 80),
+    n_categories=st.integers(1, 6),
+    cap=st.integers(1, 4),
+    need=st.integers(0, 30),
+    spare=st.integers(0, 10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_diversify_equals_walking_the_whole_ranking(n, n_categories, cap, need, spare, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, n).astype(np.float32) / 4  # many ties
+    categories = rng.integers(0, n_categories, n)
+    candidates = rng.random(n) < 0.7
+    within, beyond = diversify(scores, candidates, categories, cap, need, spare)
+    ref_within, ref_beyond = _walk(scores, candidates, categories, cap, need, spare)
+    assert within.tolist() == ref_within
+    if len(within) < need:  # the spares are only needed (and only promised) when the cap leaves the pool short
+        assert beyond.tolist() == ref_beyond
+
+
+def test_diversify_keeps_the_cap_and_the_score_order():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=np.float32)
+    categories = np.array([0, 0, 0, 1, 1, 2])
+    within, beyond = diversify(scores, np.ones(6, dtype=bool), categories, 2, 6, 2)
+    assert within.tolist() == [0, 1, 3, 4, 5] and beyond.tolist() == [2]
+
+
+def test_a_decision_generator_depends_on_the_id_alone():
+    a, b = new_decision_id(), new_decision_id()
+    first = decision_rng(a).random(8)
+    decision_rng(b).random(3)  # another decision on the same thread in between
+    assert np.array_equal(decision_rng(a).random(8), first)
+    assert not np.array_equal(decision_rng(b).random(8), first)
+
+
+def test_decision_seed_reads_crockford_base32_and_refuses_anything_else():
+    import pytest
+
+    assert decision_seed("0000000000000000000000000Z") == 31
+    assert decision_seed("00000000000000000000000010") == 32
+    for bad in ("01KAQ3TV0X8B6D6M0R8N6C3Y7I", "01kaq3", "01KAQ 3", "٣٣"):
+        with pytest.raises(ValueError, match="not Crockford base32"):
+            decision_seed(bad)
