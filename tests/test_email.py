@@ -342,6 +342,26 @@ def test_batch_lines_equal_the_single_calls_and_a_bad_entry_is_reported_in_its_l
     assert all(line["content"]["source"] == "stored" for line in again)
 
 
+def test_a_batch_of_several_chunks_keeps_recipient_order_and_stores_one_content_per_recipient(client, shop):
+    """Chunks are decided while earlier ones wait on Redis: lines stay in order, and a recipient listed in
+    two chunks in flight at once still gets one stored content (the same on both lines and on a later call)."""
+    from api.routes.email import BATCH_CHUNK
+
+    customers = _buyers(shop, 40)
+    recipients = [customers[k % len(customers)] if k % 7 else f"new-{k}" for k in range(2 * BATCH_CHUNK + 50)]
+    lines = _batch(client, "chunks", recipients)
+    assert [line["index"] for line in lines] == list(range(len(recipients)))
+    assert [line["customer_id"] for line in lines] == recipients
+    by_customer: dict[str, set[bytes]] = {}
+    for line in lines:
+        assert line["error"] is None and line["content"]["slots"]
+        by_customer.setdefault(line["customer_id"], set()).add(orjson.dumps(line["content"]["slots"]))
+    assert all(len(v) == 1 for v in by_customer.values())
+    for customer in customers[:5]:
+        single = _slots(client, "chunks", customer)
+        assert single["source"] == "stored" and {orjson.dumps(single["slots"])} == by_customer[customer]
+
+
 def test_a_bad_batch_body_is_422_and_stores_nothing(client, redis_url, keys):
     r = client.post("/v1/email/slots:batch", json={"campaign_id": "x y", "recipients": ["c1"]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "campaign_id"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -30,6 +32,8 @@ from api.signing import InvalidTokenError
 
 router = APIRouter(tags=["email"])
 BATCH_CHUNK = 256  # recipients per round trip
+CHUNKS_IN_FLIGHT = 2  # a batch decides one chunk while the one before waits on Redis
+_RUNNING: set[asyncio.Task[bytes]] = set()  # chunks in flight, held until done (the loop keeps weak references)
 _ID = re.compile(ID_PATTERN)
 
 
@@ -131,27 +135,40 @@ async def email_batch(request: HttpRequest) -> Response:
         return checked
     n_slots = checked
 
+    async def chunk_lines(start: int, chunk: list[Any]) -> bytes:
+        good: list[tuple[int, SlotsRequest]] = []
+        out: dict[int, bytes] = {}
+        for k, entry in enumerate(chunk, start=start):
+            try:
+                cid = _recipient(entry)
+            except ValueError as exc:
+                out[k] = orjson.dumps(
+                    {"index": k, "customer_id": None, "error": f"recipients[{k}]: {exc}", "content": None}
+                )
+                continue
+            good.append((k, SlotsRequest(body.campaign_id, cid, body.placement, n_slots)))
+        answers = await runtime.email.slots_many([r for _, r in good])
+        state = runtime.state
+        assert state is not None
+        for (k, r), answer in zip(good, answers, strict=True):
+            content = runtime.email_renderer.body(answer, state)
+            out[k] = orjson.dumps({"index": k, "customer_id": r.customer_id, "error": None, "content": content})
+        return b"".join(out[k] + b"\n" for k in sorted(out))
+
     async def lines() -> AsyncIterator[bytes]:
+        # Chunks overlap: while one waits on Redis (read, caps, store, log), the next one is decided. Lines
+        # still go out in recipient order. A chunk in flight when the client goes away still finishes, so
+        # what it decided is stored and logged (a later call reads it back).
+        in_flight: deque[asyncio.Task[bytes]] = deque()
         for start in range(0, len(body.recipients), BATCH_CHUNK):
-            chunk = body.recipients[start : start + BATCH_CHUNK]
-            good: list[tuple[int, SlotsRequest]] = []
-            out: dict[int, bytes] = {}
-            for k, entry in enumerate(chunk, start=start):
-                try:
-                    cid = _recipient(entry)
-                except ValueError as exc:
-                    out[k] = orjson.dumps(
-                        {"index": k, "customer_id": None, "error": f"recipients[{k}]: {exc}", "content": None}
-                    )
-                    continue
-                good.append((k, SlotsRequest(body.campaign_id, cid, body.placement, n_slots)))
-            answers = await runtime.email.slots_many([r for _, r in good])
-            state = runtime.state
-            assert state is not None
-            for (k, r), answer in zip(good, answers, strict=True):
-                content = runtime.email_renderer.body(answer, state)
-                out[k] = orjson.dumps({"index": k, "customer_id": r.customer_id, "error": None, "content": content})
-            yield b"".join(out[k] + b"\n" for k in sorted(out))
+            task = asyncio.create_task(chunk_lines(start, body.recipients[start : start + BATCH_CHUNK]))
+            _RUNNING.add(task)
+            task.add_done_callback(_RUNNING.discard)
+            in_flight.append(task)
+            if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                yield await in_flight.popleft()
+        while in_flight:
+            yield await in_flight.popleft()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
