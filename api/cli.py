@@ -164,7 +164,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         table = Table(title=f"propensity ({prop.get('examples')} examples as of {dates}; {prop.get('seconds')} s)")
         for col in ("model", "measure", "validation", "baseline"):
             table.add_column(col, justify="left" if col in ("model", "measure") else "right")
-        for name, m in prop.get("models", {}).items():
+        response = prop.get("offer_response") or {}
+        if "skipped" in response:
+            console.print(f"offer response models skipped: {response['skipped']}")
+        for name, m in {**prop.get("models", {}), **response.get("models", {})}.items():
             key = "auc" if m["kind"] == "binary" else "spearman"
             base = list(m["baselines"].values())[-1].get(key)  # the recency table / past spend baseline
             table.add_row(name, key, _fmt(m["model"][key]), _fmt(base))
@@ -319,6 +322,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.ope",
     "benchmarks.ltv",
     "benchmarks.soak",
+    "benchmarks.offer_models",
     "benchmarks.memory",
 )
 

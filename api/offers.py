@@ -54,6 +54,11 @@ def _candidate(offer_id: str, offer: Offer, channel: str) -> Candidate:
     return Candidate(offer_id, caps, offer.suppress_after)
 
 
+def offer_models(runtime: Runtime) -> frozenset[str]:
+    """The models the rules' offers score with: a request runs these, not every model of the version."""
+    return frozenset(offer.propensity_model for offer in runtime.rules.offers.values())
+
+
 def _customer(
     runtime: Runtime, customer_id: str, profile: Profile | None, scores: dict[str, float] | None = None
 ) -> Customer:
@@ -63,7 +68,7 @@ def _customer(
         scores = {}
         models = runtime.model.propensity if runtime.model is not None else None
         if models is not None and len(profile.features) == len(models.feature_names):
-            scores = models.predict(profile.features)
+            scores = models.predict(profile.features, offer_models(runtime))
     return Customer(customer_id, profile.segment, profile.country, profile.consents, scores)
 
 
@@ -75,7 +80,7 @@ def propensities_many(runtime: Runtime, profiles: list[Profile | None]) -> list[
     n = len(models.feature_names)
     rows = [k for k, p in enumerate(profiles) if p is not None and len(p.features) == n]
     out: list[dict[str, float] | None] = [None] * len(profiles)
-    scored = models.predict_rows([profiles[k].features for k in rows])  # type: ignore[union-attr]
+    scored = models.predict_rows([profiles[k].features for k in rows], offer_models(runtime))  # type: ignore[union-attr]
     for k, scores in zip(rows, scored, strict=True):
         out[k] = scores
     return out

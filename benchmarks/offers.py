@@ -4,8 +4,9 @@ The 100k-customer shop is trained with its propensity models (LightGBM → ONNX)
 customer's features, and served by `nextbest serve` (2 workers) with a rules file of 50 generated
 offers (all classes, channels, segments, caps and windows). Reported: latency per arrival rate; the
 propensity models' quality from the version's manifest (AUC, log loss, calibration error against the
-baselines); and inference speed through ONNX Runtime against LightGBM's own predict at 1, 50 and 500
-rows.
+baselines); the offer response models against the generator's true response probabilities on held-out
+exposures (`benchmarks.offer_models`, also `nextbest bench offer-models` alone); and inference speed through
+ONNX Runtime against LightGBM's own predict at 1, 50 and 500 rows.
 """
 
 from __future__ import annotations
@@ -168,12 +169,14 @@ def run_offers_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
         [r.table_row() for r in results],
         note=f"target p99 ≤ {P99_BUDGET_MS:g} ms at 300 req/s; maximum sustained rate (achieved ≥ 97 %, no errors, "
         f"p99 within budget): {max(ok) if ok else 'none'} req/s. Each request: profile and features in one Redis "
-        "round trip, four ONNX models, arbitration of 50 offers, holdouts, the cap reservation script, the log write. "
+        "round trip, the ONNX models the offers reference (3 of the version's), arbitration of 50 offers, "
+        "holdouts, the cap reservation script, the log write. "
         "Each rate draws its own customers (never a request repeated), after a discarded warm-up.",
     )
     live = Registry(registry_dir).live_version()
     manifest = orjson.loads((registry_dir / str(live) / "manifest.json").read_bytes())
-    models = manifest["metrics"].get("propensity", {}).get("models", {})
+    propensity = manifest["metrics"].get("propensity", {})
+    models = {**propensity.get("models", {}), **propensity.get("offer_response", {}).get("models", {})}
     rows = []
     for name, m in sorted(models.items()):
         keys = ("auc", "log_loss", "ece") if "auc" in m["model"] else ("spearman", "top_decile_lift", "mae")
@@ -186,6 +189,14 @@ def run_offers_bench(console: Console, *, quick: bool, out_dir: Path) -> Path:
         note="binary models: AUC, log loss, expected calibration error (10 bins); value model: Spearman, top-decile "
         "lift, MAE. Baselines as in training/propensity.py.",
     )
+    from benchmarks.offer_models import truth_comparison
+    from training.datafiles import find_exposures
+    from training.propensity import LgbmParams
+
+    if find_exposures(shop_dir) is not None:
+        truth_comparison(report, shop_dir, LgbmParams(num_threads=2), console)
+    else:  # a shop generated before the generator wrote exposures
+        report.add_text(f"{shop_dir} has no offer_exposures file: no comparison with the true response probabilities.")
     report.add_table(
         "Inference: ONNX Runtime vs LightGBM native, purchase model, one thread",
         ["rows", "ONNX µs/call", "ONNX rows/s", "LightGBM µs/call", "LightGBM rows/s"],

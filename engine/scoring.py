@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,26 +84,38 @@ class PropensityModels:
     feature_names: tuple[str, ...]
     models: dict[str, ScoringModel]
 
-    def predict(self, features: Sequence[float] | np.ndarray) -> dict[str, float]:  # type: ignore[type-arg]
+    def _chosen(self, only: Collection[str] | None) -> list[tuple[str, ScoringModel]]:
+        if only is None:
+            return list(self.models.items())
+        return [(name, model) for name, model in self.models.items() if name in only]
+
+    def predict(
+        self,
+        features: Sequence[float] | np.ndarray,  # type: ignore[type-arg]
+        only: Collection[str] | None = None,
+    ) -> dict[str, float]:
         """One customer's features (in `feature_names` order, NaN = missing) -> probability or value per model.
 
-        The float32 row is built once and each session runs once on it, without the per-call checks of
-        `ScoringModel.predict`.
+        `only` restricts the answer to those models (names without a model are left out), so a request runs
+        the models its offers use, not every model of the version. The float32 row is built once and each
+        session runs once on it, without the per-call checks of `ScoringModel.predict`.
         """
         row = np.ascontiguousarray(features, dtype=np.float32)
         if row.shape != (len(self.feature_names),):
             raise ValueError(f"propensity models take one row of {len(self.feature_names)} features, got {row.shape}")
         x = row.reshape(1, -1)
-        return {name: float(model._run(x)[0]) for name, model in self.models.items()}
+        return {name: float(model._run(x)[0]) for name, model in self._chosen(only)}
 
-    def predict_rows(self, rows: Sequence[Sequence[float]]) -> list[dict[str, float]]:
+    def predict_rows(
+        self, rows: Sequence[Sequence[float]], only: Collection[str] | None = None
+    ) -> list[dict[str, float]]:
         """`predict` for many customers with one session run per model (a batch amortises the call cost)."""
         if not rows:
             return []
         x = np.ascontiguousarray(rows, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ValueError(f"propensity models take rows of {len(self.feature_names)} features, got {x.shape}")
-        columns = {name: model._run(x).tolist() for name, model in self.models.items()}
+        columns = {name: model._run(x).tolist() for name, model in self._chosen(only)}
         return [{name: float(col[k]) for name, col in columns.items()} for k in range(x.shape[0])]
 
 

@@ -1,4 +1,5 @@
-"""The shop's input files (catalog, customers, events) in CSV or Parquet: schema, reading, validation.
+"""The shop's input files (catalog, customers, events, and optional offer exposures) in CSV or Parquet:
+schema, reading, validation.
 
 A file with one bad row is rejected whole, with the file, line (CSV) or row (Parquet), column and
 reason, so nothing is loaded from it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import functools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,21 @@ EVENTS = (
     Column("price", "float", required=False, minimum=0.0, default=0.0),
     Column("timestamp", "timestamp"),
 )
-SCHEMAS = {"catalog": CATALOG, "customers": CUSTOMERS, "events": EVENTS}
-UNIQUE = {"catalog": "item_id", "customers": "customer_id", "events": "event_id"}
+# Offer impressions and whether the customer responded (optional: shops without it train no response models).
+# true_p is the generator's true response probability; real logs leave it out.
+EXPOSURES_FILE = "offer_exposures"
+EXPOSURES = (
+    Column("exposure_id", "id"),
+    Column("customer_id", "id"),
+    Column("offer_type", "id"),
+    Column("channel", "str", required=False, default=""),
+    Column("responded", "bool"),
+    Column("true_p", "float", required=False, minimum=0.0, default=float("nan")),
+    Column("timestamp", "timestamp"),
+)
+OFFER_TYPE = re.compile(r"[a-z0-9_]{1,40}")  # it names a model, response_<type>, which is also a file name
+SCHEMAS = {"catalog": CATALOG, "customers": CUSTOMERS, "events": EVENTS, EXPOSURES_FILE: EXPOSURES}
+UNIQUE = {"catalog": "item_id", "customers": "customer_id", "events": "event_id", EXPOSURES_FILE: "exposure_id"}
 TRUE = frozenset({"true", "1", "yes", "t", "y"})
 FALSE = frozenset({"false", "0", "no", "f", "n"})
 MAX_ID_LEN = 128
@@ -340,6 +355,9 @@ def _column(df: pd.DataFrame, col: Column, chk: _Checker) -> pd.Series:
         filled = np.where(np.isfinite(values), values, float(col.default or 0))  # type: ignore[arg-type]
         return pd.Series(filled.astype(np.int64 if col.kind == "int" else np.float64))
     elif col.kind == "bool":
+        if col.required:
+            blank = (raw.isna() | (_string(df, col.name).str.strip() == "")).to_numpy()
+            chk.flag(blank, col.name, lambda r: "empty value")
         if pd.api.types.is_bool_dtype(raw):
             return raw.fillna(bool(col.default)).astype(bool)
         text = _string(df, col.name).str.strip().str.lower()
@@ -374,7 +392,12 @@ def _validate(df: pd.DataFrame, kind: str, chk: _Checker) -> pd.DataFrame:
 
 
 def read_table(path: Path, kind: str) -> pd.DataFrame:
-    """Read and validate one file of the given kind (catalog, customers or events)."""
+    """Read and validate one file of the given kind (catalog, customers, events or offer_exposures)."""
+    return _read_checked(path, kind, lambda _frame, _chk: None)
+
+
+def _read_checked(path: Path, kind: str, more: Callable[[pd.DataFrame, _Checker], None]) -> pd.DataFrame:
+    """`read_table` with `more` checks on the converted frame, reported with the column checks (earliest first)."""
     if kind not in SCHEMAS:
         raise ValueError(f"unknown data kind {kind!r}")
     if not path.exists():
@@ -388,8 +411,47 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     if kind == "events":
         needs_item = frame["type"] != "email_open"
         chk.flag((needs_item & (frame["item_id"] == "")).to_numpy(), "item_id", lambda r: "empty for an item event")
+    more(frame, chk)
     chk.raise_first()
     return frame
+
+
+def find_exposures(data_dir: Path) -> Path | None:
+    """The shop's offer_exposures file (Parquet or CSV), or None when it has none."""
+    for ext in (".parquet", ".csv"):
+        p = Path(data_dir) / f"{EXPOSURES_FILE}{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def read_exposures(path: Path, customers: pd.Series | None = None) -> pd.DataFrame:
+    """Read and validate an offer exposures file, sorted by timestamp (int64 unix seconds).
+
+    Beyond the column checks: offer_type must be lower-case letters, digits and underscores (it names the
+    model response_<type>), true_p must lie in [0, 1] when given, and with `customers` every customer_id
+    must be one of them.
+    """
+
+    def checks(frame: pd.DataFrame, chk: _Checker) -> None:
+        kinds = frame["offer_type"]
+        bad_type = ~kinds.str.fullmatch(OFFER_TYPE.pattern).to_numpy(dtype=bool) & (kinds != "").to_numpy()
+        chk.flag(
+            bad_type,
+            "offer_type",
+            lambda r: (
+                f"offer type {kinds.iloc[r]!r} must be 1-40 lower-case letters, digits or underscores "
+                "(it names the model response_<type>)"
+            ),
+        )
+        chk.flag((frame["true_p"] > 1.0).to_numpy(), "true_p", lambda r: "must be <= 1 (a probability)")
+        if customers is not None:
+            cust = frame["customer_id"]
+            unknown = (~cust.isin(customers) & (cust != "")).to_numpy()
+            chk.flag(unknown, "customer_id", lambda r: f"unknown customer {cust.iloc[r]!r}")
+
+    frame = _read_checked(Path(path), EXPOSURES_FILE, checks)
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
 def read_shop(data_dir: Path) -> ShopData:

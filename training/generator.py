@@ -1,5 +1,6 @@
-"""Synthetic shop generator: writes catalog, customers and events (Parquet or CSV) with a known hidden
-truth (truth.json + truth.npz) so that recommenders and policies can be scored against it."""
+"""Synthetic shop generator: writes catalog, customers, events and offer exposures (Parquet or CSV) with a
+known hidden truth (truth.json + truth.npz, true_p in the exposures) so that recommenders, propensity
+models and policies can be scored against it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Literal
 import numpy as np
 
 from training.generator_categories import CATEGORIES_BY_KIND, CONSUMABLE_CATEGORIES
-from training.generator_io import catalog_table, customers_table, events_table, write_table
+from training.generator_io import catalog_table, customers_table, events_table, exposures_table, write_table
+from training.generator_offers import OFFER_TYPES, OfferParams, simulate_offers
 from training.generator_population import DAY, WEEK, SimParams, make_customers, make_items
 from training.generator_sim import (
     EMAIL_CLICK,
@@ -39,11 +41,12 @@ from training.generator_truth import (
     true_purchase_probability,
     write_npz,
 )
-from training.generator_truth_doc import truth_arrays, truth_doc
+from training.generator_truth_doc import offers_doc, truth_arrays, truth_doc
 
 __all__ = [
     "CONSUMABLE_CATEGORIES",
     "EVENT_TYPES",
+    "OFFER_TYPES",
     "GeneratedShop",
     "ShopSpec",
     "ShopTruth",
@@ -98,6 +101,9 @@ class GeneratedShop:
     n_email_open: int
     n_email_click: int
     n_replenishment_purchases: int  # purchases made by the consumables' repurchase cycles
+    offer_exposures: Path
+    n_offer_exposures: int
+    n_offer_responses: int
 
     @property
     def event_counts(self) -> dict[str, int]:
@@ -162,15 +168,21 @@ def generate_shop(spec: ShopSpec, out: Path, progress: Progress | None = None) -
     order = np.argsort(ev.ts, kind="stable")
     ev = EventBlock(ev.cust[order], ev.etype[order], ev.item[order], ev.qty[order], ev.price[order], ev.ts[order])
     counts = np.bincount(ev.etype, minlength=len(EVENT_TYPES))
+    report("offer exposures", 0.50)
+    op = OfferParams()
+    # Its own stream (the 7th), drawn after everything else: the other tables are the same with or without it.
+    offers = simulate_offers(streams[6], cu, ev, s_cust, s_t0, start, end, p, op)
 
     ext = spec.fmt
-    paths = {name: out / f"{name}.{ext}" for name in ("catalog", "customers", "events")}
+    paths = {name: out / f"{name}.{ext}" for name in ("catalog", "customers", "events", "offer_exposures")}
     report("write catalog", 0.55)
     write_table(catalog_table(it, cats), paths["catalog"], spec.fmt)
     report("write customers", 0.58)
     write_table(customers_table(cu, spec.fmt), paths["customers"], spec.fmt)
     report("write events", 0.62)
     write_table(events_table(ev, len(cu.created_at), len(it.category), spec.fmt), paths["events"], spec.fmt)
+    report("write offer exposures", 0.90)
+    write_table(exposures_table(offers, len(cu.created_at), spec.fmt), paths["offer_exposures"], spec.fmt)
 
     report("write truth", 0.95)
     n_refill = len(refill[2].ts)
@@ -185,6 +197,7 @@ def generate_shop(spec: ShopSpec, out: Path, progress: Progress | None = None) -
         "customers_without_events": int(spec.customers - len(np.unique(ev.cust))),
     }
     doc = truth_doc({**asdict(spec), "end": spec.end.isoformat()}, cats, p, cm, start, end, camp, realized, loyalty)
+    doc["offers"] = offers_doc(op, offers)
     (out / TRUTH_JSON).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     write_npz(out / TRUTH_NPZ, truth_arrays(cu, it, cats, start, camp))
     report("done", 1.0)
@@ -204,4 +217,7 @@ def generate_shop(spec: ShopSpec, out: Path, progress: Progress | None = None) -
         n_email_open=int(counts[3]),
         n_email_click=int(counts[4]),
         n_replenishment_purchases=n_refill,
+        offer_exposures=paths["offer_exposures"],
+        n_offer_exposures=len(offers.ts),
+        n_offer_responses=int(offers.responded.sum()),
     )

@@ -1,5 +1,5 @@
-"""Writing the synthetic shop's tables: Arrow tables for catalog, customers and events, fast fixed-width
-string columns (ids, ISO timestamps) and the Parquet/CSV writers."""
+"""Writing the synthetic shop's tables: Arrow tables for catalog, customers, events and offer exposures, fast
+fixed-width string columns (ids, ISO timestamps) and the Parquet/CSV writers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from training.generator_categories import CategorySpec
+from training.generator_offers import OFFER_CHANNELS, OFFER_TYPES, OfferExposures
 from training.generator_population import CONSENTS, COUNTRIES, DAY, Customers, Items
 from training.generator_sim import EVENT_TYPES, EventBlock
 from training.generator_truth import IntArray
@@ -107,6 +108,25 @@ def events_table(ev: EventBlock, n_customers: int, n_items: int, fmt: str) -> pa
             "quantity": pa.array(ev.qty, type=pa.int64()),
             "price": pa.array(ev.price, type=pa.float64()),
             "timestamp": _timestamps(ev.ts, fmt),
+        }
+    )
+
+
+def exposures_table(ex: OfferExposures, n_customers: int, fmt: str) -> pa.Table:
+    n = len(ex.ts)
+    width = max(9, len(str(max(n - 1, 0))))
+    chars = np.empty((n, width + 1), dtype=np.uint8)
+    chars[:, 0] = ord("x")
+    _put_digits(chars, 1, np.arange(n, dtype=np.int64), width)
+    return pa.table(
+        {
+            "exposure_id": _fixed_width_strings(chars),
+            "customer_id": _ids("c", n_customers).take(pa.array(ex.cust)),
+            "offer_type": pa.array(list(OFFER_TYPES), type=pa.string()).take(pa.array(ex.offer_type)),
+            "channel": pa.array(list(OFFER_CHANNELS), type=pa.string()).take(pa.array(ex.channel)),
+            "responded": pa.array(ex.responded, type=pa.bool_()),
+            "true_p": pa.array(np.round(ex.true_p, 6), type=pa.float64()),
+            "timestamp": _timestamps(ex.ts, fmt),
         }
     )
 

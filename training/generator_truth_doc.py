@@ -1,4 +1,4 @@
-"""The human-readable truth.json of a synthetic shop and the arrays of its truth.npz."""
+"""The human-readable truth.json of a synthetic shop (its offers section included) and the arrays of its truth.npz."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import numpy as np
 import numpy.typing as npt
 
 from training.generator_categories import CategorySpec
+from training.generator_offers import (
+    ENGAGEMENT_MEAN_SD,
+    OFFER_CHANNELS,
+    OFFER_TYPES,
+    TERM_DOC,
+    TERMS,
+    OfferExposures,
+    OfferParams,
+)
 from training.generator_population import (
     CONSENT_RATES,
     CONSENTS,
@@ -114,6 +123,46 @@ def truth_doc(
         "simulation_parameters": asdict(p),
         "realized": realized,
         "npz_arrays": {f: _npz_doc(f) for f in ShopTruth.__dataclass_fields__ if _npz_doc(f)},
+    }
+
+
+def offers_doc(op: OfferParams, ex: OfferExposures) -> dict[str, Any]:
+    """The offers section: how exposures are drawn, the true response model, and what was realised."""
+    by_type = []
+    for k, name in enumerate(OFFER_TYPES):
+        sel = ex.offer_type == k
+        by_type.append(
+            {
+                "offer_type": name,
+                "model": f"response_{name}",
+                "bias": op.bias[name],
+                "weights": {term: op.weights[name].get(term, 0.0) for term in TERMS},
+                "exposures": int(sel.sum()),
+                "responses": int(ex.responded[sel].sum()),
+                "mean_true_p": round(float(ex.true_p[sel].mean()), 6) if sel.any() else None,
+            }
+        )
+    return {
+        "table": "offer_exposures: exposure_id, customer_id, offer_type, channel, responded, true_p, timestamp",
+        "exposures": f"email: Poisson({op.email_per_week}/week) over each consent_email customer's span "
+        "[max(created_at, window start), end), uniform times, churned customers included; web: "
+        f"{op.web_share:.0%} of organic sessions, 1 s after the session starts",
+        "assignment": f"offer_type uniform over {list(OFFER_TYPES)}, independent of the customer (an unbiased log)",
+        "channels": list(OFFER_CHANNELS),
+        "true_p": "P(respond) = sigmoid(bias[type] + sum over terms of weight[type][term] * term), the terms of "
+        "customer c at the exposure time t; the channel has no effect",
+        "terms": TERM_DOC,
+        "term_parameters": {
+            "engagement_mean": ENGAGEMENT_MEAN_SD[0],
+            "engagement_sd": ENGAGEMENT_MEAN_SD[1],
+            "lapse_days": op.lapse_days,
+            "lapse_scale": op.lapse_scale,
+            "cart_open_days": op.cart_open_days,
+            "fresh_days": op.fresh_days,
+        },
+        "responded": "Bernoulli(true_p) per exposure; responses add no events",
+        "types": by_type,
+        "realized": {"exposures": len(ex.ts), "responses": int(ex.responded.sum())},
     }
 
 

@@ -34,7 +34,9 @@ class TrainParams:
     neighbours: int = 50
     bestseller_window_days: int = 30
     evaluate: bool = True
-    propensity: bool = True  # purchase / churn / email click / value models, when the events span enough time
+    # purchase / churn / email click / value models, when the events span enough time, and the offer
+    # response models when the shop also has an offer_exposures file
+    propensity: bool = True
     lgbm: LgbmParams = field(default_factory=lambda: LgbmParams(num_threads=2))
 
 
@@ -132,7 +134,9 @@ def train(
     als_seconds = time.perf_counter() - t_start
     if params.propensity and len(events):
         first, last = int(events["timestamp"].min()), int(events["timestamp"].max())
-        metrics["propensity"] = train_propensity(data_dir, staging, first, last, params.lgbm, say)
+        metrics["propensity"] = train_propensity(
+            data_dir, staging, first, last, params.lgbm, say, customers=shop.customers["customer_id"]
+        )
     elif params.propensity:
         metrics["propensity"] = {"skipped": "no events"}
     meta = {
