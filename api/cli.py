@@ -382,10 +382,13 @@ def bench_overhead(quick: Quick = False, out: OutDir = Path("benchmarks/reports"
 
 @bench_app.command("all")
 def bench_all(quick: Quick = False, out: OutDir = Path("benchmarks/reports"), seed: int = 0) -> None:
-    """Every benchmark in turn (quality, off-policy evaluation, regret, LTV, serving), each with its report."""
+    """Every benchmark in turn (quality, LTV, off-policy evaluation, regret, offer models against the truth, memory,
+    serving), each with its report."""
     import time
 
     from benchmarks.ltv import run_ltv_bench
+    from benchmarks.memory import run_memory_bench
+    from benchmarks.offer_models import run_offer_models_bench
     from benchmarks.ope import run_ope_bench
     from benchmarks.recs import run_recs_bench
     from benchmarks.regret import run_regret_bench
@@ -397,6 +400,8 @@ def bench_all(quick: Quick = False, out: OutDir = Path("benchmarks/reports"), se
         ("ltv", functools.partial(run_ltv_bench, seed=seed)),
         ("ope", functools.partial(run_ope_bench, seed=seed)),
         ("regret", functools.partial(run_regret_bench, seed=seed)),
+        ("offer-models", functools.partial(run_offer_models_bench, seed=seed)),
+        ("memory", run_memory_bench),
         ("serving", run_serving_bench),
     ):
         console.rule(f"bench {name}")

@@ -43,7 +43,7 @@ class EmailSpec:
 
 
 FULL = EmailSpec(100_000, 5_000, 180, (250, 500, 750, 1000), 20.0, 100_000, 5_000)
-QUICK = EmailSpec(5_000, 500, 150, (50,), 3.0, 2_000, 1_000)
+QUICK = EmailSpec(5_000, 500, 150, (50,), 2.0, 2_000, 1_000)
 
 
 def _slot_requests(ids: list[str], campaign: str, n: int, seed: int) -> list[Request]:

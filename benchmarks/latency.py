@@ -39,7 +39,7 @@ class BenchSpec:
 
 
 FULL = BenchSpec(100_000, 5_000, 180, (250, 500, 750, 1000, 1250, 1500, 2000), 20.0, 20_000)
-QUICK = BenchSpec(5_000, 500, 60, (100,), 3.0, 2_000)
+QUICK = BenchSpec(5_000, 500, 60, (100,), 2.0, 2_000)
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ class OffersSpec:
 
 
 FULL = OffersSpec(100_000, 5_000, 180, (150, 300, 450, 600), 20.0)
-QUICK = OffersSpec(5_000, 500, 150, (50,), 3.0)
+QUICK = OffersSpec(5_000, 500, 150, (50,), 2.0)
 
 
 def offers_rules(n: int, seed: int) -> dict[str, object]:

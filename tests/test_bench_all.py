@@ -8,7 +8,20 @@ from pathlib import Path
 
 import pytest
 
-EXPECTED = ("recs", "ltv", "ope", "regret", "serving", "latency", "offers", "email", "email-batch", "ingest")
+EXPECTED = (
+    "recs",
+    "ltv",
+    "ope",
+    "regret",
+    "offer-models",
+    "memory",
+    "serving",
+    "latency",
+    "offers",
+    "email",
+    "email-batch",
+    "ingest",
+)
 
 
 @pytest.mark.timeout(900)
