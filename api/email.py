@@ -113,7 +113,7 @@ class EmailSlots:
         pending = [j for j, a in enumerate(answers) if a is None]
         # One campaign, one placement: score the offers of every recipient to decide in one run per model.
         wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
-        scored = propensities_many(rt, [profiles[j][0] for j in pending]) if wants_offers else []
+        scored = propensities_many(rt, [profiles[j][0] for j in pending], "email") if wants_offers else []
         scores = dict(zip(pending, scored, strict=False))
         for j in pending:
             req, (profile, reason) = reqs[j], profiles[j]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from engine.holdout import in_holdout
 from engine.ids import new_decision_id
-from engine.offers import Customer, RankedOffer, arbitrate
+from engine.offers import Customer, RankedOffer, arbitrate, models_to_score
 from engine.offers_config import Offer
 from engine.types import Context, Decision, Profile, ShownItem
 from feature_store.caps import Candidate, Cap, Reservation, reserve
@@ -60,30 +60,45 @@ def offer_models(runtime: Runtime) -> frozenset[str]:
 
 
 def _customer(
-    runtime: Runtime, customer_id: str, profile: Profile | None, scores: dict[str, float] | None = None
+    runtime: Runtime, req: OfferRequest, profile: Profile | None, scores: dict[str, float] | None = None
 ) -> Customer:
     if profile is None:
-        return Customer(customer_id)
+        return Customer(req.customer_id)
+    customer = Customer(req.customer_id, profile.segment, profile.country, profile.consents)
     if scores is None:
         scores = {}
         models = runtime.model.propensity if runtime.model is not None else None
         if models is not None and len(profile.features) == len(models.feature_names):
-            scores = models.predict(profile.features, offer_models(runtime))
-    return Customer(customer_id, profile.segment, profile.country, profile.consents, scores)
+            rules = runtime.rules
+            wanted = models_to_score(rules.offers, rules.offer_settings, customer, req.channel, now=_now())
+            scores = models.predict(profile.features, wanted) if wanted else {}
+    return replace(customer, propensities=scores)
 
 
-def propensities_many(runtime: Runtime, profiles: list[Profile | None]) -> list[dict[str, float] | None]:
-    """Model scores for many customers at once (None where `_customer` would score alone or not at all)."""
+def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel: str) -> list[dict[str, float] | None]:
+    """Model scores for many customers at once (None where `_customer` would score alone or not at all):
+    one run per model any of them needs on `channel`."""
     models = runtime.model.propensity if runtime.model is not None else None
     if models is None:
         return [None] * len(profiles)
     n = len(models.feature_names)
     rows = [k for k, p in enumerate(profiles) if p is not None and len(p.features) == n]
     out: list[dict[str, float] | None] = [None] * len(profiles)
-    scored = models.predict_rows([profiles[k].features for k in rows], offer_models(runtime))  # type: ignore[union-attr]
+    rules, now = runtime.rules, _now()
+    wanted: frozenset[str] = frozenset()
+    for k in rows:
+        p = profiles[k]
+        assert p is not None
+        customer = Customer(p.customer_id, p.segment, p.country, p.consents)
+        wanted |= models_to_score(rules.offers, rules.offer_settings, customer, channel, now=now)
+    scored = models.predict_rows([profiles[k].features for k in rows], wanted)  # type: ignore[union-attr]
     for k, scores in zip(rows, scored, strict=True):
         out[k] = scores
     return out
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +127,8 @@ def plan_offers(
     rules = runtime.rules
     offers, settings = rules.offers, rules.offer_settings
     store_down = reason in ("redis_unavailable", "redis_circuit_open")
-    customer = _customer(runtime, req.customer_id, profile, scores)
-    now = dt.datetime.now(dt.UTC)
+    customer = _customer(runtime, req, profile, scores)
+    now = _now()
     ranked, refused = arbitrate(offers, settings, customer, req.channel, req.context, now=now, catalog=runtime.catalog)
     holdout = settings.holdout_share > 0 and in_holdout(
         req.customer_id, f"{settings.holdout_salt}:{GLOBAL_HOLDOUT}", settings.holdout_share

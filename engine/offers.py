@@ -12,6 +12,7 @@ skipped in this order.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -76,6 +77,19 @@ def _refusal(
     if propensity < el.min_propensity:
         return f"propensity {propensity:.3f} below {el.min_propensity:g}"
     return None
+
+
+def models_to_score(
+    offers: Mapping[str, Offer], settings: OfferSettings, customer: Customer, channel: str, *, now: dt.datetime
+) -> frozenset[str]:
+    """The models of the offers that pass every hard filter but the minimum propensity: the only ones whose
+    scores can change this customer's answer (a model costs the request one ONNX run)."""
+    today = now.astimezone(dt.UTC).date()
+    return frozenset(
+        offer.propensity_model
+        for offer in offers.values()
+        if _refusal(offer, settings, customer, channel, today, math.inf) is None
+    )
 
 
 def _value(offer: Offer, catalog: CatalogState | None) -> float | None:

@@ -204,3 +204,25 @@ def test_priority_is_the_product_of_its_factors_and_the_order_follows_it(offers,
         assert (r.propensity, r.value, r.lever, r.context_weight) == (p, value, lever, weight)
     keys = [(rank[r.priority_class], -r.priority) for r in ranked]
     assert keys == sorted(keys)
+
+
+def test_only_the_models_of_offers_past_the_hard_filters_are_scored_and_the_answer_is_the_same():
+    from engine.offers import models_to_score
+
+    offers = {
+        "loyal_only": _offer(propensity_model="m_loyal", eligibility={"segments": ["loyal"]}),
+        "email_only": _offer(propensity_model="m_email", channels=["email"]),
+        "picky": _offer(propensity_model="m_picky", eligibility={"min_propensity": 0.9}),
+        "off": _offer(propensity_model="m_off", enabled=False),
+        "shared": _offer(propensity_model="m_picky"),
+    }
+    customer = Customer("c1", segment="at_risk", consents=frozenset({"web", "email"}))
+    wanted = models_to_score(offers, OfferSettings(), customer, "web", now=NOW)
+    # The minimum propensity needs the score, so its model is scored; segment, channel and kill switch do not.
+    assert wanted == {"m_picky"}
+    every = {"m_loyal": 0.5, "m_email": 0.5, "m_picky": 0.95, "m_off": 0.5}
+    scored = Customer("c1", segment="at_risk", consents=customer.consents, propensities=every)
+    only = Customer("c1", segment="at_risk", consents=customer.consents, propensities={m: every[m] for m in wanted})
+    assert arbitrate(offers, OfferSettings(), scored, "web", Context(), now=NOW) == arbitrate(
+        offers, OfferSettings(), only, "web", Context(), now=NOW
+    )
