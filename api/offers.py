@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from engine.holdout import in_holdout
 from engine.ids import new_decision_id
-from engine.offers import Customer, RankedOffer, arbitrate, models_to_score
+from engine.offers import Customer, RankedOffer, arbitrate, models_to_score, referenced_models
 from engine.offers_config import Offer
 from engine.types import Context, Decision, Profile, ShownItem
 from feature_store.caps import Candidate, Cap, Reservation, reserve
@@ -55,8 +55,8 @@ def _candidate(offer_id: str, offer: Offer, channel: str) -> Candidate:
 
 
 def offer_models(runtime: Runtime) -> frozenset[str]:
-    """The models the rules' offers score with: a request runs these, not every model of the version."""
-    return frozenset(offer.propensity_model for offer in runtime.rules.offers.values())
+    """The models the rules' offers score with: a request runs at most these, not every model of the version."""
+    return referenced_models(runtime.rules.offers)
 
 
 def _customer(

@@ -216,6 +216,7 @@ def serving_cost(
 
 
 def _referenced(rules_doc: dict[str, object] | None = None) -> frozenset[str]:
+    from engine.offers import referenced_models
     from engine.rules import load_rules, parse_rules
 
     if rules_doc is None:
@@ -224,7 +225,7 @@ def _referenced(rules_doc: dict[str, object] | None = None) -> frozenset[str]:
         import yaml
 
         rules = parse_rules(yaml.safe_dump(rules_doc), Path("bench-rules.yaml"))
-    return frozenset(o.propensity_model for o in rules.offers.values())
+    return referenced_models(rules.offers)
 
 
 def add_truth_tables(report: Report, results: list[TypeResult], cut_note: str) -> None:

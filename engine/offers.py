@@ -79,6 +79,11 @@ def _refusal(
     return None
 
 
+def referenced_models(offers: Mapping[str, Offer]) -> frozenset[str]:
+    """Every model the offers name (the most a request can run; `models_to_score` picks a customer's share)."""
+    return frozenset(offer.propensity_model for offer in offers.values())
+
+
 def models_to_score(
     offers: Mapping[str, Offer], settings: OfferSettings, customer: Customer, channel: str, *, now: dt.datetime
 ) -> frozenset[str]:
