@@ -40,24 +40,32 @@ class Operation:
     method: str
     summary: str
     tag: str
-    request: type[BaseModel]
+    request: type[BaseModel] | None  # None: no body (a GET, its input in `parameters`)
     response: type[BaseModel]
     error: type[BaseModel]
     status: str = "200"
     media_type: str = "application/json"  # of the successful answer; for NDJSON, `response` is one line
+    parameters: tuple[dict[str, Any], ...] = ()  # OpenAPI parameter objects (path and query)
+    also_returns: tuple[str, ...] = ()  # other media types of the successful answer (e.g. text/html)
 
     def spec(self) -> dict[str, Any]:
         def ref(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
             return {media_type: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
 
         unavailable = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-        return {
+        success = ref(self.response, self.media_type) | {media_type: {} for media_type in self.also_returns}
+        spec: dict[str, Any] = {
             "tags": [self.tag],
             "summary": self.summary,
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}",
-            "requestBody": {"required": True, "content": ref(self.request)},
+        }
+        if self.parameters:
+            spec["parameters"] = [dict(p) for p in self.parameters]
+        if self.request is not None:
+            spec["requestBody"] = {"required": True, "content": ref(self.request)}
+        return spec | {
             "responses": {
-                self.status: {"description": "Successful Response", "content": ref(self.response, self.media_type)},
+                self.status: {"description": "Successful Response", "content": success},
                 "422": {"description": "Invalid request; `loc` names the field", "content": ref(self.error)},
                 "503": {
                     "description": "Not ready (no model or catalog loaded yet) or the store is unavailable; "
@@ -69,7 +77,7 @@ class Operation:
 
     @property
     def models(self) -> tuple[type[BaseModel], ...]:
-        return (self.request, self.response, self.error)
+        return tuple(m for m in (self.request, self.response, self.error) if m is not None)
 
 
 def install_openapi(app: FastAPI, operations: list[Operation]) -> None:

@@ -1,20 +1,19 @@
 """Email slots at send time: decide once per (campaign, customer), store, read back, replace what sold out.
 
 One round trip reads the profile, the catalog version and any stored content. A first call decides the
-product slots with the placement's pipeline and the offer slots with the offers' rules (caps reserved in
-a second round trip), then stores the content with `STORE_FIRST`: if a concurrent first call stored
-first, its content is returned instead and this call's decision is dropped unlogged. Whenever Redis
-cannot be used the answer is bestsellers in stock with `fallback: true`: an email never goes out empty.
-
-A lost race has reserved its offers' caps already: the impression is counted although it was never
-sent. That errs on the safe side (a cap may refuse one offer early; it is never exceeded).
+product slots with the placement's pipeline and ranks the offers for the offer slots, then one script
+run (`STORE_FIRST_RESERVING`, the second round trip) stores the content unless some is stored already
+and, in the same run, reserves the offers' caps and appends the granted offers to it. If a concurrent
+first call stored first, its content is returned instead: this call reserved nothing, and its decision
+is dropped unlogged. Whenever Redis cannot be used the answer is bestsellers in stock with
+`fallback: true`: an email never goes out empty.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from api import metrics
@@ -32,10 +31,10 @@ from engine.email import ContentDecodeError, EmailContent, content_from_decision
 from engine.pipeline import Request, recommend
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
-from feature_store.caps import Reservation, reserve_many
+from feature_store.caps import Reservation, reservation_keys_args, validate
 from feature_store.email_store import EmailRead, EmailStore, profile_of
 from feature_store.profiles import ProfileDecodeError
-from feature_store.resp import RedisClient, RespConnectionError, RespError
+from feature_store.resp import Arg
 from feature_store.store import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -69,23 +68,23 @@ class EmailSlots:
         # A batch is not waited on by an inbox: its round trips carry 256 recipients and get the patient
         # budget of writes, not the request path's few milliseconds.
         self.batch_store = EmailStore(runtime.ingest_client, runtime.keys)
+        # A first call's store-and-reserve is a write: the cap reservation's bounded budget, not a read's.
+        self.write_store = EmailStore(runtime.caps_client, runtime.keys)
 
     async def slots(self, req: SlotsRequest) -> EmailAnswer:
         """One recipient on the request path: its round trips get the request's budgets."""
-        (answer,) = await self._answers([req], self.store, self.runtime.caps_client)
+        (answer,) = await self._answers([req], self.store, self.write_store)
         return answer
 
     async def slots_many(self, reqs: list[SlotsRequest]) -> list[EmailAnswer]:
         """Many recipients of one campaign (the pre-send batch), with the patient budget of writes."""
-        return await self._answers(reqs, self.batch_store, self.runtime.ingest_client)
+        return await self._answers(reqs, self.batch_store, self.batch_store)
 
-    async def _answers(
-        self, reqs: list[SlotsRequest], store: EmailStore, caps_client: RedisClient
-    ) -> list[EmailAnswer]:
+    async def _answers(self, reqs: list[SlotsRequest], store: EmailStore, write_store: EmailStore) -> list[EmailAnswer]:
         """The content of each recipient of one campaign, with a round trip per step, not per recipient:
-        one read (profile, catalog version, stored content), one cap reservation for all offer slots,
-        one store-if-absent, one log write. Stored content is read back (sold-out items replaced); a
-        first call decides; Redis trouble gives bestsellers, not stored."""
+        one read (profile, catalog version, stored content), one script run per recipient that stores its
+        content if absent and reserves its offers' caps, one log write. Stored content is read back
+        (sold-out items replaced); a first call decides; Redis trouble gives bestsellers, not stored."""
         rt = self.runtime
         state = rt.state
         if state is None:
@@ -123,32 +122,42 @@ class EmailSlots:
                 fresh.append((j, decision, profile, wanted, plan_offers(rt, wanted, profile, reason, scores.get(j))))
             else:
                 fresh.append((j, decision, profile, None, None))
-        to_reserve = [(o, p) for _, _, _, o, p in fresh if o is not None and p is not None and p.ranked]
-        reservations = iter(await _reserve_plans(rt, to_reserve, caps_client) if to_reserve else [])
-        contents: list[tuple[int, Decision, EmailContent, OfferAnswer | None, Profile | None]] = []
-        for j, decision, profile, offer_req, plan in fresh:
-            offers = None
-            if offer_req is not None and plan is not None:
-                reservation = next(reservations) if plan.ranked else Reservation(granted=(), refused={})
-                offers = settle(plan, offer_req, reservation)
-            contents.append((j, decision, self._content(reqs[j], decision, offers), offers, profile))
+        # Store each content and reserve its offers' caps in the same script run: a call that finds content
+        # already stored (a concurrent first call won) reserves nothing and serves what is stored.
+        now_ms = int(time.time() * 1000)
         ttl = state.rules.email.content_ttl
+        writes: list[tuple[str, str, bytes, int, tuple[list[Arg], list[Arg]] | None]] = []
+        for j, decision, _profile, offer_req, plan in fresh:
+            if offer_req is not None and plan is not None and plan.ranked and not plan.store_down:
+                products = self._content(reqs[j], decision, None, now_ms)
+                candidates = cap_candidates(rt, offer_req, list(plan.ranked))
+                validate(offer_req.customer_id, candidates, offer_req.limit, now_ms)
+                call = reservation_keys_args(rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms)
+                offered = [(r.offer_id, r.priority_class) for r in plan.ranked]
+                pending_bytes = replace(products, offers_decision_id=plan.decision_id).with_pending_offers(offered)
+                writes.append((reqs[j].customer_id, campaign, pending_bytes, ttl, call))
+            else:
+                offers = settle(plan, offer_req, Reservation(granted=(), refused={})) if offer_req and plan else None
+                content = self._content(reqs[j], decision, offers, now_ms)
+                writes.append((reqs[j].customer_id, campaign, content.to_bytes(), ttl, None))
         try:
-            existing = await store.store_first_many(
-                [(reqs[j].customer_id, campaign, c.to_bytes(), ttl) for j, _, c, _, _ in contents]
-            )
+            stored = await write_store.store_first_reserving_many(writes)
         except StoreUnavailableError as exc:
             rt.store_failed("email", exc)
-            for j, _, _, _, profile in contents:
+            for j, _, profile, _, _ in fresh:
                 answers[j] = self._fallback(state, reqs[j], "redis_unavailable", profile.country if profile else None)
             return [a for a in answers if a is not None]
         records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
-        for (j, decision, content, offers, profile), other in zip(contents, existing, strict=True):
+        for (j, decision, profile, offer_req, plan), (other, reservation) in zip(fresh, stored, strict=True):
             country = profile.country if profile else None
             if other is not None:
                 metrics.EMAIL_SLOTS.labels("race_lost").inc()
                 answers[j] = EmailAnswer(EmailContent.from_bytes(other), "stored", country)
                 continue
+            offers = None
+            if offer_req is not None and plan is not None:
+                offers = settle(plan, offer_req, reservation or Reservation(granted=(), refused={}))
+            content = self._content(reqs[j], decision, offers, now_ms)  # what the script stored, as stored
             records += self._log_records(state, decision, offers, reqs[j], profile)
             metrics.EMAIL_SLOTS.labels("decided").inc()
             answers[j] = EmailAnswer(content, "decided", country)
@@ -200,9 +209,9 @@ class EmailSlots:
         metrics.EMAIL_SLOTS.labels("stored").inc()
         return EmailAnswer(content, "stored", country)
 
-    def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None) -> EmailContent:
+    def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None, now_ms: int) -> EmailContent:
         chosen = [(o.offer_id, o.priority_class) for o in offers.offers] if offers else []
-        return content_from_decision(req.campaign_id, decision, chosen, offers.decision_id if offers else None)
+        return content_from_decision(req.campaign_id, decision, chosen, offers.decision_id if offers else None, now_ms)
 
     def _log_records(
         self,
@@ -231,17 +240,3 @@ class EmailSlots:
         )
         metrics.EMAIL_SLOTS.labels("fallback").inc()
         return EmailAnswer(content_from_decision(req.campaign_id, decision, []), "fallback", country)
-
-
-async def _reserve_plans(
-    rt: Runtime, plans: list[tuple[OfferRequest, OfferPlan]], client: RedisClient
-) -> list[Reservation | None]:
-    """Cap reservations for many customers in one round trip; None each if the store failed. `client` sets
-    the budget: the request path's cap budget for one recipient, the writes' for a batch."""
-    requests = [(r.customer_id, cap_candidates(rt, r, list(p.ranked)), r.limit) for r, p in plans]
-    try:
-        got = await reserve_many(client, rt.keys, requests, int(time.time() * 1000))
-    except (RespError, RespConnectionError, TimeoutError, OSError) as exc:
-        rt.store_failed("caps", exc)
-        return [None] * len(plans)
-    return list(got)

@@ -80,7 +80,7 @@ def user_vector(state: ServingState, customer_id: str, profile: Profile | None) 
 
 
 def als(state: ServingState, user_vec: FloatArray | None, n: int) -> Candidates:
-    if user_vec is None or not state.in_model.any():
+    if user_vec is None or not state.any_in_model:
         return Candidates.empty("als")
     scores = state.item_factors @ user_vec  # items outside the model have zero factors: score 0
     idx = _top(scores, n)

@@ -19,6 +19,9 @@ from engine.state import ServingState
 from engine.types import Context, Decision, Profile
 
 CONTENT_VERSION = 1
+# A first call's content awaiting its offers: the script that stores it reserves the offers' caps in the
+# same run and appends the granted offer ids, one per line (see `with_pending_offers`).
+PENDING_OFFERS_VERSION = 2
 REPLACEMENT_REASON = "replaced_unavailable"
 
 
@@ -57,27 +60,43 @@ class EmailContent:
         return tuple(s for s in self.slots if s.kind == "product")
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": CONTENT_VERSION,
-                "c": self.campaign_id,
-                "d": self.decision_id,
-                "p": self.placement,
-                "t": self.created_ms,
-                "m": self.model_version,
-                "f": self.fallback_reason,
-                "r": self.replaced,
-                "od": self.offers_decision_id,
-                "s": [[s.kind[0], s.item_id, list(s.reasons), s.propensity, s.score] for s in self.slots],
-            }
-        )
+        return orjson.dumps(self._document(CONTENT_VERSION))
+
+    def with_pending_offers(self, offers: list[tuple[str, str]]) -> bytes:
+        """This content (its product slots) stored with the (offer id, class) candidates of its offer slots,
+        to be completed by the store script: it appends a line per granted offer id. JSON has no raw
+        newline, so the first line is the document and every other one an offer id."""
+        doc = self._document(PENDING_OFFERS_VERSION)
+        doc["oc"] = [[oid, cls] for oid, cls in offers]
+        return orjson.dumps(doc) + b"\n"
+
+    def _document(self, version: int) -> dict[str, object]:
+        return {
+            "v": version,
+            "c": self.campaign_id,
+            "d": self.decision_id,
+            "p": self.placement,
+            "t": self.created_ms,
+            "m": self.model_version,
+            "f": self.fallback_reason,
+            "r": self.replaced,
+            "od": self.offers_decision_id,
+            "s": [[s.kind[0], s.item_id, list(s.reasons), s.propensity, s.score] for s in self.slots],
+        }
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EmailContent:
         try:
-            d = orjson.loads(raw)
-            if d.get("v") != CONTENT_VERSION:
-                raise ContentDecodeError(f"stored email content has version {d.get('v')!r}, expected {CONTENT_VERSION}")
+            head, *granted = raw.split(b"\n")
+            d = orjson.loads(head)
+            expected = PENDING_OFFERS_VERSION if granted else CONTENT_VERSION
+            if d.get("v") != expected:
+                raise ContentDecodeError(f"stored email content has version {d.get('v')!r}, expected {expected}")
+            if granted:
+                classes = {str(oid): str(c) for oid, c in d["oc"]}
+                offers = [g.decode() for g in granted if g]
+                d["s"] = [*d["s"], *(["o", oid, [classes[oid]], 1.0, 0.0] for oid in offers)]
+                d["od"] = d.get("od") if offers else None  # as content_from_decision: no offer slot, no offers id
             slots = tuple(
                 EmailSlot(
                     position=pos,
@@ -100,7 +119,7 @@ class EmailContent:
                 replaced=int(d.get("r", 0)),
                 offers_decision_id=d.get("od"),
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             if isinstance(exc, ContentDecodeError):
                 raise
             raise ContentDecodeError(f"stored email content is unreadable: {exc}") from exc

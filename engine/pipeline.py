@@ -54,7 +54,7 @@ def _excluded(state: ServingState, placement: Placement, profile: Profile | None
     """Items that must not be shown: unavailable, in the context, or bought and not repurchasable."""
     cat = state.catalog
     banned = ~state.available
-    if placement.filters.exclude_context:
+    if placement.filters.exclude_context and (context.item_id or context.cart):
         banned[cat.indices(context.item_ids)] = True
     if placement.filters.exclude_purchased and not placement.filters.allow_repurchase and profile is not None:
         bought = cat.indices([p.item_id for p in profile.purchases])
@@ -247,7 +247,7 @@ def _reasons(
     bits = source_bits[chosen].tolist()
     m, f = margin_term[chosen], final[chosen]
     boosted = ((f > 0) & (m >= 0.1 * f) & (m > 0.05)).tolist()
-    was_filled = np.isin(chosen, filled).tolist()
+    was_filled = np.isin(chosen, filled).tolist() if len(filled) else [False] * len(bits)
     out = []
     for b, boost, fill in zip(bits, boosted, was_filled, strict=True):
         r = REASONS_BY_MASK[b] + (("fill",) if fill else ()) + (("margin_boost",) if boost else ())

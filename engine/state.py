@@ -24,6 +24,7 @@ class ServingState:
     rules: Rules
     # Derived arrays, all indexed by catalog position (see build_state).
     in_model: BoolArray
+    any_in_model: bool  # in_model.any(), asked by every ALS candidate call
     item_factors: FloatArray  # zeros for items the model has not seen
     neighbours_idx: npt.NDArray[np.int64]  # catalog positions, -1 where unknown
     neighbours_sim: FloatArray
@@ -90,6 +91,7 @@ def build_state(catalog: CatalogState, model: RecModel | None, rules: Rules) -> 
         model=model,
         rules=rules,
         in_model=in_model,
+        any_in_model=bool(in_model.any()),
         item_factors=factors,
         neighbours_idx=nb_idx,
         neighbours_sim=nb_sim,

@@ -9,9 +9,11 @@ concurrent requests for one customer are serialised by Redis and can never overs
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
@@ -40,78 +42,87 @@ class Reservation:
     refused: dict[str, str]  # offer_id -> reason; candidates after the limit was reached are in neither
 
 
-# KEYS: scope index hash, ignored hash, then one cap key per scope (in ARGV's scope order).
-# ARGV: now_ms, limit, nonce, ignored TTL, scope count, per scope (name, longest window of this call),
+# The reservation as a Lua function of its own keys and arguments, so a script that stores something else
+# in the customer's slot can reserve in the same run (feature_store.email_store.STORE_FIRST_RESERVING).
+# K: scope index hash, ignored hash, then one cap key per scope (in A's scope order).
+# A: now_ms, limit, nonce, ignored TTL, scope count, per scope (name, longest window of this call),
 # then per candidate (offer, suppress_after or 0, cap count, per cap (scope number, limit, window_s)).
-RESERVE = Script(r"""
-local index_key, ignored_key = KEYS[1], KEYS[2]
-local now, limit, nonce, ignored_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local function since(window_s) return string.format('%d', now - window_s * 1000) end
+# Returns {granted offers, refused as offer, reason, offer, reason, ...}.
+RESERVE_FUNCTION = r"""
+local function reserve(K, A)
+  local index_key, ignored_key = K[1], K[2]
+  local now, limit, nonce, ignored_ttl = tonumber(A[1]), tonumber(A[2]), A[3], tonumber(A[4])
+  local function since(window_s) return string.format('%d', now - window_s * 1000) end
 
--- Trim each scope once, by the longest window any call has declared for it, so that a call knowing
--- only a short cap never throws away what a longer cap of the same scope still has to count.
-local names, longest = {}, {}
-local a = 6
-for s = 1, tonumber(ARGV[5]) do
-  local window = tonumber(ARGV[a + 1])
-  local known = tonumber(redis.call('HGET', index_key, ARGV[a]) or '0')
-  if known > window then window = known end
-  names[s], longest[s] = ARGV[a], window
-  redis.call('ZREMRANGEBYSCORE', KEYS[2 + s], '-inf', since(window))
-  a = a + 2
-end
-
-local granted, refused, touched, is_touched = {}, {}, {}, {}
-while a <= #ARGV and #granted < limit do
-  local offer, suppress_after, first_cap = ARGV[a], tonumber(ARGV[a + 1]), a + 3
-  a = first_cap + 3 * tonumber(ARGV[a + 2])
-  local reason = nil
-  if suppress_after > 0 then
-    local ignored = tonumber(redis.call('HGET', ignored_key, offer) or '0')
-    if ignored >= suppress_after then reason = 'suppressed after ' .. ignored .. ' ignored' end
+  -- Trim each scope once, by the longest window any call has declared for it, so that a call knowing
+  -- only a short cap never throws away what a longer cap of the same scope still has to count.
+  local names, longest = {}, {}
+  local a = 6
+  for s = 1, tonumber(A[5]) do
+    local window = tonumber(A[a + 1])
+    local known = tonumber(redis.call('HGET', index_key, A[a]) or '0')
+    if known > window then window = known end
+    names[s], longest[s] = A[a], window
+    redis.call('ZREMRANGEBYSCORE', K[2 + s], '-inf', since(window))
+    a = a + 2
   end
-  for c = first_cap, a - 1, 3 do
-    if reason then break end
-    local s = tonumber(ARGV[c])
-    if redis.call('ZCOUNT', KEYS[2 + s], '(' .. since(tonumber(ARGV[c + 2])), '+inf') >= tonumber(ARGV[c + 1]) then
-      reason = 'cap ' .. names[s] .. ' ' .. ARGV[c + 1] .. '/' .. ARGV[c + 2] .. 's'
+
+  local granted, refused, touched, is_touched = {}, {}, {}, {}
+  while a <= #A and #granted < limit do
+    local offer, suppress_after, first_cap = A[a], tonumber(A[a + 1]), a + 3
+    a = first_cap + 3 * tonumber(A[a + 2])
+    local reason = nil
+    if suppress_after > 0 then
+      local ignored = tonumber(redis.call('HGET', ignored_key, offer) or '0')
+      if ignored >= suppress_after then reason = 'suppressed after ' .. ignored .. ' ignored' end
     end
-  end
-  if reason then
-    refused[#refused + 1] = offer
-    refused[#refused + 1] = reason
-  else
-    local member, here = ARGV[1] .. ':' .. nonce .. ':' .. offer, {}
     for c = first_cap, a - 1, 3 do
-      local s = tonumber(ARGV[c])
-      if not here[s] then
-        here[s] = true
-        redis.call('ZADD', KEYS[2 + s], ARGV[1], member)
-        if not is_touched[s] then is_touched[s] = true; touched[#touched + 1] = s end
+      if reason then break end
+      local s = tonumber(A[c])
+      if redis.call('ZCOUNT', K[2 + s], '(' .. since(tonumber(A[c + 2])), '+inf') >= tonumber(A[c + 1]) then
+        reason = 'cap ' .. names[s] .. ' ' .. A[c + 1] .. '/' .. A[c + 2] .. 's'
       end
     end
-    redis.call('HINCRBY', ignored_key, offer, 1)
-    granted[#granted + 1] = offer
+    if reason then
+      refused[#refused + 1] = offer
+      refused[#refused + 1] = reason
+    else
+      local member, here = A[1] .. ':' .. nonce .. ':' .. offer, {}
+      for c = first_cap, a - 1, 3 do
+        local s = tonumber(A[c])
+        if not here[s] then
+          here[s] = true
+          redis.call('ZADD', K[2 + s], A[1], member)
+          if not is_touched[s] then is_touched[s] = true; touched[#touched + 1] = s end
+        end
+      end
+      redis.call('HINCRBY', ignored_key, offer, 1)
+      granted[#granted + 1] = offer
+    end
   end
-end
 
-if #granted > 0 then
-  for _, s in ipairs(touched) do
-    redis.call('HSET', index_key, names[s], longest[s])
-    redis.call('EXPIRE', KEYS[2 + s], longest[s])
+  if #granted > 0 then
+    for _, s in ipairs(touched) do
+      redis.call('HSET', index_key, names[s], longest[s])
+      redis.call('EXPIRE', K[2 + s], longest[s])
+    end
+    -- The index outlives every cap key it lists, so erasure can always find them.
+    local ttl = 0
+    for _, w in ipairs(redis.call('HVALS', index_key)) do ttl = math.max(ttl, tonumber(w)) end
+    if ttl > 0 then redis.call('EXPIRE', index_key, ttl) end
+    redis.call('EXPIRE', ignored_key, ignored_ttl)
   end
-  -- The index outlives every cap key it lists, so erasure can always find them.
-  local ttl = 0
-  for _, w in ipairs(redis.call('HVALS', index_key)) do ttl = math.max(ttl, tonumber(w)) end
-  if ttl > 0 then redis.call('EXPIRE', index_key, ttl) end
-  redis.call('EXPIRE', ignored_key, ignored_ttl)
+  return {granted, refused}
 end
-return {granted, refused}
-""")
+"""
+RESERVE = Script(RESERVE_FUNCTION + "return reserve(KEYS, ARGV)\n")
+
+
+_WHITESPACE = re.compile(r"\s")  # the characters str.isspace() accepts, searched in C
 
 
 def _check_name(value: str, what: str) -> None:
-    if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+    if not isinstance(value, str) or not value or _WHITESPACE.search(value):
         raise ValueError(f"{what} must be non-empty without whitespace, got {value!r}")
 
 
@@ -120,7 +131,7 @@ def _check_positive(value: int, what: str) -> None:
         raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
 
 
-def _validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int) -> None:
+def validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int) -> None:
     _check_name(customer_id, "customer_id")
     _check_positive(limit, "limit")
     if isinstance(now_ms, bool) or not isinstance(now_ms, int) or now_ms < 0:
@@ -140,9 +151,10 @@ def _validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now
             _check_positive(cap.window_s, f"{where}: caps[{j}].window_s")
 
 
-def _reserve_call(
+def reservation_keys_args(
     keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
-) -> tuple[Arg, ...]:
+) -> tuple[list[Arg], list[Arg]]:
+    """The reservation's keys and arguments (K and A of `RESERVE_FUNCTION`), after `validate`."""
     scope_no: dict[str, int] = {}  # scope -> its 1-based number in the script
     longest: dict[str, int] = {}
     for cand in candidates:
@@ -157,7 +169,22 @@ def _reserve_call(
         for cap in cand.caps:
             args += [scope_no[cap.scope], cap.limit, cap.window_s]
     cap_keys_ = [keys.caps(customer_id, scope) for scope in scope_no]
-    named = [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id), *cap_keys_]
+    return [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id), *cap_keys_], args
+
+
+def reservation_of(reply: Sequence[Any]) -> Reservation:
+    """A `reserve` reply ({granted, refused pairs}) as a Reservation."""
+    granted, refused = reply
+    flat = [x.decode() for x in refused]
+    return Reservation(
+        granted=tuple(x.decode() for x in granted), refused=dict(zip(flat[::2], flat[1::2], strict=True))
+    )
+
+
+def _reserve_call(
+    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
+) -> tuple[Arg, ...]:
+    named, args = reservation_keys_args(keys, customer_id, candidates, limit, now_ms)
     return (len(named), *named, *args)
 
 
@@ -169,14 +196,11 @@ async def reserve(
     One script run (one round trip, one Cluster slot): a granted offer's impression is recorded in each
     of its cap scopes and its ignored count goes up, before the next candidate is checked.
     """
-    _validate(customer_id, candidates, limit, now_ms)
+    validate(customer_id, candidates, limit, now_ms)
     if not candidates:
         return Reservation(granted=(), refused={})
     (reply,) = await client.run_script(RESERVE, [_reserve_call(keys, customer_id, candidates, limit, now_ms)])
-    granted, refused = reply
-    flat = [x.decode() for x in refused]
-    refusals = dict(zip(flat[::2], flat[1::2], strict=True))
-    return Reservation(granted=tuple(x.decode() for x in granted), refused=refusals)
+    return reservation_of(reply)
 
 
 async def reserve_many(
@@ -184,7 +208,7 @@ async def reserve_many(
 ) -> list[Reservation]:
     """`reserve` for many customers (customer, candidates, limit) in one round trip, one script run each."""
     for customer_id, candidates, limit in requests:
-        _validate(customer_id, candidates, limit, now_ms)
+        validate(customer_id, candidates, limit, now_ms)
     calls = [_reserve_call(keys, cid, cands, limit, now_ms) for cid, cands, limit in requests if cands]
     replies = iter(await client.run_script(RESERVE, calls) if calls else [])
     out = []
@@ -192,13 +216,7 @@ async def reserve_many(
         if not candidates:
             out.append(Reservation(granted=(), refused={}))
             continue
-        granted, refused = next(replies)
-        flat = [x.decode() for x in refused]
-        out.append(
-            Reservation(
-                granted=tuple(x.decode() for x in granted), refused=dict(zip(flat[::2], flat[1::2], strict=True))
-            )
-        )
+        out.append(reservation_of(next(replies)))
     return out
 
 

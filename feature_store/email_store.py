@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.types import Profile
+from feature_store.caps import RESERVE_FUNCTION, Reservation, reservation_of
 from feature_store.keys import Keys
 from feature_store.resp import Arg, RedisClient, RespConnectionError, RespError, Script
 from feature_store.store import StoreUnavailableError, profile_from_json
@@ -29,6 +30,31 @@ redis.call('SADD', KEYS[2], ARGV[3])
 if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
 return false
 """)
+
+# The same with the offers' caps reserved in the same run (one round trip for a first call with offers).
+# KEYS: content, campaign index, then the reservation's keys. ARGV: content, ttl_s, campaign id, then the
+# reservation's arguments (feature_store.caps.RESERVE_FUNCTION). With reservation keys, ARGV[1] is a
+# content awaiting its offers (engine.email.EmailContent.with_pending_offers): the granted offer ids are
+# appended, one per line. Returns {stored content} if there was one (nothing reserved, nothing stored),
+# else {false, granted, refused} after storing.
+STORE_FIRST_RESERVING = Script(
+    RESERVE_FUNCTION
+    + r"""
+local current = redis.call('GET', KEYS[1])
+if current then return {current} end
+local ttl = tonumber(ARGV[2])
+local content, granted, refused = ARGV[1], {}, {}
+if #KEYS > 2 then
+  local r = reserve({unpack(KEYS, 3)}, {unpack(ARGV, 4)})
+  granted, refused = r[1], r[2]
+  content = content .. table.concat(granted, '\n')
+end
+redis.call('SET', KEYS[1], content, 'EX', ttl)
+redis.call('SADD', KEYS[2], ARGV[3])
+if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+return {false, granted, refused}
+"""
+)
 
 # KEYS: content. ARGV: expected current content, new content.
 # Returns the content now stored: the new one if the expected one was still there, else the current.
@@ -83,6 +109,28 @@ class EmailStore:
         calls = [_store_call(self.keys, cid, campaign, content, ttl) for cid, campaign, content, ttl in items]
         replies = await self._scripts("email batch store", STORE_FIRST, calls)
         return [r if isinstance(r, bytes) else None for r in replies]
+
+    async def store_first_reserving_many(
+        self, items: Sequence[tuple[str, str, bytes, int, tuple[list[Arg], list[Arg]] | None]]
+    ) -> list[tuple[bytes | None, Reservation | None]]:
+        """Per (customer, campaign, content, ttl, reservation keys and args or None), in one round trip: the
+        content already stored (which wins: nothing reserved), else (None, the reservation made while storing;
+        None without one). A content with a reservation is one of `EmailContent.with_pending_offers`."""
+        if not items:
+            return []
+        calls = []
+        for cid, campaign, content, ttl, reservation in items:
+            rkeys, rargs = reservation if reservation is not None else ([], [])
+            keys = [self.keys.email_content(cid, campaign), self.keys.email_campaigns(cid), *rkeys]
+            calls.append((len(keys), *keys, content, ttl, campaign, *rargs))
+        replies = await self._scripts("email store", STORE_FIRST_RESERVING, calls)
+        out: list[tuple[bytes | None, Reservation | None]] = []
+        for reply, item in zip(replies, items, strict=True):
+            if reply[0] is not None:
+                out.append((bytes(reply[0]), None))
+            else:
+                out.append((None, reservation_of(reply[1:]) if item[4] is not None else None))
+        return out
 
     async def replace_if_same(self, customer_id: str, campaign_id: str, expected: bytes, new: bytes) -> bytes | None:
         (reply,) = await self._scripts(
