@@ -221,9 +221,23 @@ async def log_offers(
         )
 
 
+# (offer id, channel) -> the offer it was built from and its cap candidate: rules change rarely and a
+# request asks for the same few, so each is built once per loaded offer (a reload brings new objects).
+_CANDIDATES: dict[tuple[str, str], tuple[Offer, Candidate]] = {}
+
+
 def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> list[Candidate]:
     offers = runtime.rules.offers
-    return [_candidate(r.offer_id, offers[r.offer_id], req.channel) for r in ranked]
+    out = []
+    for r in ranked:
+        offer = offers[r.offer_id]
+        cached = _CANDIDATES.get((r.offer_id, req.channel))
+        if cached is None or cached[0] is not offer:
+            if len(_CANDIDATES) > 4096:  # offers renamed over many reloads: start again
+                _CANDIDATES.clear()
+            cached = _CANDIDATES[(r.offer_id, req.channel)] = (offer, _candidate(r.offer_id, offer, req.channel))
+        out.append(cached[1])
+    return out
 
 
 async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:
