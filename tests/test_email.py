@@ -1,5 +1,6 @@
 """Email slots: stored once and read back, replacement at open, fallbacks, signed clicks, batch, offers."""
 
+import asyncio
 import concurrent.futures
 import shutil
 import time
@@ -360,6 +361,45 @@ def test_a_batch_of_several_chunks_keeps_recipient_order_and_stores_one_content_
     for customer in customers[:5]:
         single = _slots(client, "chunks", customer)
         assert single["source"] == "stored" and {orjson.dumps(single["slots"])} == by_customer[customer]
+
+
+def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, monkeypatch):
+    """A chunk's decisions are CPU work: the worker's other requests, and the Redis replies of the chunk
+    before, get the loop every few recipients (a chunk holding it for its whole decision made those replies
+    late enough to time out and turn recipients into fallbacks)."""
+    from api.email import YIELD_EVERY, SlotsRequest
+
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    reqs = [SlotsRequest("yield", c, "email:weekly", 4) for c in _buyers(shop, 40)]
+    ticks = [0]
+    seen: list[int] = []
+    decide = runtime.email._recommend
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        seen.append(ticks[0])
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.email, "_recommend", observed)
+
+    async def run() -> Any:
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                ticks[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            return await runtime.email.slots_many(reqs)
+        finally:
+            done.set()
+            await task
+
+    answers = client.portal.call(run)  # type: ignore[union-attr]
+    assert [a.source for a in answers] == ["decided"] * len(reqs)
+    assert len(seen) == len(reqs)
+    assert all(seen[k + YIELD_EVERY] > seen[k] for k in range(len(seen) - YIELD_EVERY)), seen
 
 
 def test_a_bad_batch_body_is_422_and_stores_nothing(client, redis_url, keys):

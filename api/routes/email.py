@@ -17,7 +17,7 @@ from starlette.routing import Route
 from api import metrics
 from api.bodies import Operation, parse_body
 from api.deps import get_runtime
-from api.email import SlotsRequest
+from api.email import YIELD_EVERY, SlotsRequest
 from api.email_render import target_url
 from api.runtime import Runtime
 from api.schemas import (
@@ -168,7 +168,9 @@ async def email_batch(request: HttpRequest) -> Response:
         answers = await runtime.email.slots_many([r for _, r in good])
         state = runtime.state
         assert state is not None
-        for (k, r), answer in zip(good, answers, strict=True):
+        for n, ((k, r), answer) in enumerate(zip(good, answers, strict=True)):
+            if n and not n % YIELD_EVERY:
+                await asyncio.sleep(0)
             content = runtime.email_renderer.body(answer, state)
             out[k] = orjson.dumps({"index": k, "customer_id": r.customer_id, "error": None, "content": content})
         return b"".join(out[k] + b"\n" for k in sorted(out))
