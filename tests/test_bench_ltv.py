@@ -16,7 +16,8 @@ from rich.console import Console
 from benchmarks.ltv import metrics, predict_holdout, run_ltv_bench, write_shop
 from benchmarks.ltv_baselines import BgNbd, GammaGamma
 from benchmarks.ltv_data import read_transactions_csv, summarise, windows_for
-from benchmarks.public_data import CDNOW, cache_dir
+from benchmarks.public_data import CDNOW
+from tests.conftest import public_dataset
 from training.datafiles import DataError
 from training.features import training_examples
 
@@ -233,11 +234,8 @@ def test_quick_run_on_a_transactions_csv_writes_the_report_and_decile_plot(tmp_p
     assert report["params"]["customers"] == 600
 
 
-@pytest.mark.skipif(
-    not (cache_dir() / CDNOW.package / CDNOW.version).exists(),
-    reason="CDNOW is not in the local dataset cache (nextbest bench ltv fetches it)",
-)
 def test_quick_run_on_cdnow_reproduces_the_published_bgnbd_parameters(tmp_path: Path) -> None:
+    public_dataset(CDNOW, "CDNOW_master.txt")
     path = run_ltv_bench(Console(quiet=True), quick=True, out_dir=tmp_path)
     report = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     (check,) = [t for t in report["tables"] if t["title"].startswith("BG/NBD and Gamma-Gamma fitted here")]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from benchmarks.public_data import MOVIELENS_100K, cache_dir
+from benchmarks.public_data import MOVIELENS_100K
 from benchmarks.rec_data import (
     RecData,
     Split,
@@ -28,6 +28,7 @@ from benchmarks.rec_data import (
 from benchmarks.rec_metrics import Bootstrap, catalog_coverage, per_user, recommended_matrix
 from benchmarks.rec_models import ModelParams, TuningGrid, fit_models, item_cosine, tune_als
 from benchmarks.recs import RecsParams, _Input, _rules, evaluate_split, run_recs_bench
+from tests.conftest import public_dataset
 from training.als import AlsParams
 from training.datafiles import DataError
 
@@ -283,13 +284,10 @@ def test_quick_run_on_a_small_synthetic_shop_writes_the_report_and_plot(
     assert json.loads((out / "recs-quick.json").read_text())["datasets"][0]["sha256"]
 
 
-@pytest.mark.skipif(
-    not (cache_dir() / MOVIELENS_100K.package / MOVIELENS_100K.version).exists(),
-    reason="MovieLens 100K is not in the local dataset cache (nextbest bench recs --dataset movielens fetches it)",
-)
 def test_quick_run_on_movielens_per_user_tests_every_user_and_skips_the_repeat_protocol_honestly(
     tmp_path: Path,
 ) -> None:
+    public_dataset(MOVIELENS_100K, "ml-100k.inter")
     path = run_recs_bench(Console(quiet=True), quick=True, out_dir=tmp_path, dataset="movielens", split="per-user")
     (ml,) = json.loads((tmp_path / "recs-quick_results.json").read_text()).values()
     assert set(ml) == {"per-user"}
