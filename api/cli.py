@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -258,6 +259,10 @@ def serve(
             prom.mkdir(parents=True)
             cleanup.callback(shutil.rmtree, prom, ignore_errors=True)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom.resolve())
+            # Each worker's socket for sharing batch chunks; short (a socket path has a ~100-byte limit).
+            peers = Path(tempfile.mkdtemp(prefix="nextbest-peers-"))
+            cleanup.callback(shutil.rmtree, peers, ignore_errors=True)
+            os.environ["NEXTBEST_PEERS_DIR"] = str(peers)
         if settings.metrics_port:
             from api.metrics import start_metrics_server
 
@@ -357,11 +362,15 @@ def bench_latency(
 
 
 @bench_app.command("email-batch")
-def bench_email_batch(quick: Quick = False, out: OutDir = Path("benchmarks/reports")) -> None:
+def bench_email_batch(
+    quick: Quick = False,
+    out: OutDir = Path("benchmarks/reports"),
+    streams: Annotated[int, typer.Option(min=1, max=16, help="batch requests in flight at once")] = 2,
+) -> None:
     """Email pre-send batch: recipients per second for 100k recipients, decided then read back."""
     from benchmarks.email import run_email_batch_bench
 
-    run_email_batch_bench(console, quick=quick, out_dir=out)
+    run_email_batch_bench(console, quick=quick, out_dir=out, streams=streams)
 
 
 @bench_app.command("ingest")

@@ -32,6 +32,11 @@ EMAIL_SLOTS = Counter(
     "Email slot answers: decided (first call), stored (read back), replaced, race_lost, fallback",
     ["result"],
 )
+EMAIL_BATCH_CHUNKS = Counter(
+    "nextbest_email_batch_chunks_total",
+    "Pre-send batch chunks by where they were decided (here, on a peer worker, here after the peer failed)",
+    ["decided_by"],
+)
 EMAIL_CLICKS = Counter("nextbest_email_clicks_total", "Email click links followed", ["result"])
 RULES_LOADS = Counter("nextbest_rules_loads_total", "Rules file reloads", ["result"])
 MODEL_LOADS = Counter("nextbest_model_loads_total", "Model version loads", ["result"])

@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from api import metrics
 from api.email import EmailSlots
 from api.email_render import EmailRenderer
+from api.peers import Peers
 from api.settings import Settings
 from api.signing import ClickSigner
 from engine.catalog import CatalogState
@@ -112,6 +114,8 @@ class Runtime:
         self.email_signer = ClickSigner.from_setting(keys_setting)
         self.email = EmailSlots(self)
         self.email_renderer = EmailRenderer(self.email_signer, settings.click_base_url)
+        # The other workers of this server, which decide some of the chunks of a pre-send batch.
+        self.peers: Peers | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,8 +123,23 @@ class Runtime:
             await self._shared_signing_key()
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="nextbest-refresh")
+        if self.settings.peers_dir is not None:
+            await self._start_peers(self.settings.peers_dir)
+
+    async def _start_peers(self, directory: Path) -> None:
+        from api.email_batch import chunk_lines  # it imports this module
+
+        peers = Peers(directory, lambda job: chunk_lines(self, job))
+        try:
+            await peers.start()
+        except OSError as exc:  # e.g. a socket path over the system's limit: batches are then decided here
+            log.warning("batch chunks are not shared with the other workers: %s: %s", peers.path, exc)
+            return
+        self.peers = peers
 
     async def stop(self) -> None:
+        if self.peers is not None:
+            await self.peers.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -516,6 +535,8 @@ class Runtime:
             "config_version": self.config_version,
             "rules_error": self.status.rules_error,
             "email_signing": self._signing_status(),
+            # The other workers that decide chunks of this worker's pre-send batches (None: not shared).
+            "batch_peers": len(self.peers.others()) if self.peers is not None else None,
         }
 
 

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port too, without a key (for a scraper)"
     )
+    peers_dir: Path | None = Field(
+        None,
+        description="set by `nextbest serve` with several workers: where each worker's socket is, for sharing the "
+        "chunks of a pre-send batch; unset = a batch is decided by the worker that received it",
+    )
     public_url: str | None = Field(
         None,
         pattern=r"^https?://[^\s/]+(/[^\s]*)?$",

@@ -2,7 +2,12 @@
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
 import shutil
+import socket
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -346,7 +351,7 @@ def test_batch_lines_equal_the_single_calls_and_a_bad_entry_is_reported_in_its_l
 def test_a_batch_of_several_chunks_keeps_recipient_order_and_stores_one_content_per_recipient(client, shop):
     """Chunks are decided while earlier ones wait on Redis: lines stay in order, and a recipient listed in
     two chunks in flight at once still gets one stored content (the same on both lines and on a later call)."""
-    from api.routes.email import BATCH_CHUNK
+    from api.email_batch import BATCH_CHUNK
 
     customers = _buyers(shop, 40)
     recipients = [customers[k % len(customers)] if k % 7 else f"new-{k}" for k in range(2 * BATCH_CHUNK + 50)]
@@ -361,6 +366,55 @@ def test_a_batch_of_several_chunks_keeps_recipient_order_and_stores_one_content_
     for customer in customers[:5]:
         single = _slots(client, "chunks", customer)
         assert single["source"] == "stored" and {orjson.dumps(single["slots"])} == by_customer[customer]
+
+
+def test_a_batch_decides_here_the_chunks_of_a_peer_that_is_gone_or_answers_garbage(
+    redis_url, keys, shop_dir, registry_root, shop
+):
+    """A worker shares batch chunks with the sockets of its peers: a socket left by a dead worker refuses the
+    connection, a broken one answers nonsense; either way their chunks are decided here, nothing is lost,
+    and every line is what a single call reads back."""
+    from api import metrics
+    from api.email_batch import BATCH_CHUNK
+
+    load_shop(redis_url, keys, shop_dir)
+    peers = Path(tempfile.mkdtemp(prefix="nb-peers-"))  # short: a socket path has a ~100-byte limit
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(peers / "1.sock"))
+    dead.close()  # the file stays, nobody listens: connection refused
+    garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    garbage.bind(str(peers / "2.sock"))
+    garbage.listen(8)
+
+    def answer_nonsense() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = garbage.accept()
+                conn.sendall(b"\x00\x00\x00\x03+no")  # a frame whose lines are not JSON lines of ours
+                conn.close()
+
+    threading.Thread(target=answer_nonsense, daemon=True).start()
+    failed = metrics.EMAIL_BATCH_CHUNKS.labels("local_after_peer_failed")
+    before = failed._value.get()
+    customers = _buyers(shop, 30)
+    recipients = [customers[k % len(customers)] for k in range(3 * BATCH_CHUNK)]
+    try:
+        settings = _settings(registry_root, keys, peers_dir=peers)
+        with TestClient(create_app(settings, redis_url=redis_url)) as c:
+            assert sorted(p.name for p in peers.iterdir()) == sorted(["1.sock", "2.sock", f"{os.getpid()}.sock"])
+            assert c.get("/readyz").json()["batch_peers"] == 2
+            lines = _batch(c, "peers-gone", recipients)
+            for line in lines[:: BATCH_CHUNK // 4]:
+                single = _slots(c, "peers-gone", line["customer_id"])
+                assert single["source"] == "stored" and single["slots"] == line["content"]["slots"]
+        assert not (peers / f"{os.getpid()}.sock").exists()  # a worker removes its socket when it stops
+    finally:
+        garbage.close()
+        shutil.rmtree(peers, ignore_errors=True)
+    assert [line["index"] for line in lines] == list(range(len(recipients)))
+    assert all(line["error"] is None and line["content"]["slots"] for line in lines)
+    # Chunks 1 and 2 went to the two peers, which both failed; chunk 0 was decided here from the start.
+    assert failed._value.get() - before == 2
 
 
 def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, monkeypatch):

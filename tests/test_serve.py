@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from api.readiness import wait_until_ready
@@ -185,3 +186,50 @@ def test_caps_email_content_and_bandit_state_hold_across_two_api_processes(two_s
         assert time.monotonic() < deadline, "impressions of both processes did not reach the shared state"
         time.sleep(0.1)
     assert sum(int(v) for v in r.hvals(keys.arm_impressions("home"))) - before == shown_items
+
+
+def _chunks_by_place(metrics_text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("nextbest_email_batch_chunks_total{"):
+            label = line.split('decided_by="', 1)[1].split('"', 1)[0]
+            out[label] = out.get(label, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_one_batch_is_decided_by_both_workers_and_reads_back_the_same_on_either(server, shop):
+    """The worker that accepts a batch sends every other chunk to the other worker: one batch uses both
+    cores. Lines stay in order, a recipient in chunks decided by different workers gets one content, and
+    single calls, whichever worker answers them, read back what the batch stored."""
+    from api.email_batch import BATCH_CHUNK
+
+    customers = shop.customers["customer_id"].tolist()[:60]
+    recipients = [customers[k % len(customers)] if k % 5 else f"new-{k}" for k in range(3 * BATCH_CHUNK + 20)]
+    with httpx.Client(base_url=server, timeout=60) as c:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server}/readyz", timeout=5).json()["batch_peers"] != 1:  # both workers listening
+            assert time.monotonic() < deadline, "the two workers never saw each other's socket"
+            time.sleep(0.2)
+        before = _chunks_by_place(c.get("/metrics").text)
+        r = c.post("/v1/email/slots:batch", json={"campaign_id": "fan-out", "recipients": recipients})
+        assert r.status_code == 200, r.text
+        lines = [orjson.loads(line) for line in r.content.splitlines()]
+        after = _chunks_by_place(c.get("/metrics").text)
+    assert [line["index"] for line in lines] == list(range(len(recipients)))
+    assert [line["customer_id"] for line in lines] == recipients
+    by_customer: dict[str, set[bytes]] = {}
+    for line in lines:
+        assert line["error"] is None and line["content"]["slots"], line
+        by_customer.setdefault(line["customer_id"], set()).add(orjson.dumps(line["content"]["slots"]))
+    assert all(len(v) == 1 for v in by_customer.values())
+    # Four chunks: two decided by the worker that took the batch, two by the other one, none after a failure.
+    done = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("local", "peer", "local_after_peer_failed")}
+    assert done == {"local": 2.0, "peer": 2.0, "local_after_peer_failed": 0.0}
+    for customer in [*(customers[j] for j in (1, 2, 3, 4, 6, 7)), "new-5", "new-700"]:
+        for single in _fresh_connection_gets(server, f"/v1/email/slots/fan-out/{customer}", 2):
+            assert single["source"] == "stored", customer
+            assert {orjson.dumps(single["slots"])} == by_customer[customer]
+
+
+def _fresh_connection_gets(base: str, path: str, n: int) -> list[dict[str, Any]]:
+    return [httpx.get(f"{base}{path}", timeout=10).json() for _ in range(n)]

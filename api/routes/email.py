@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections import deque
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -17,7 +14,8 @@ from starlette.routing import Route
 from api import metrics
 from api.bodies import Operation, parse_body
 from api.deps import get_runtime
-from api.email import YIELD_EVERY, SlotsRequest
+from api.email import SlotsRequest
+from api.email_batch import batch_lines
 from api.email_render import target_url
 from api.runtime import Runtime
 from api.schemas import (
@@ -31,9 +29,6 @@ from api.schemas import (
 from api.signing import InvalidTokenError
 
 router = APIRouter(tags=["email"])
-BATCH_CHUNK = 256  # recipients per round trip
-CHUNKS_IN_FLIGHT = 2  # a batch decides one chunk while the one before waits on Redis
-_RUNNING: set[asyncio.Task[bytes]] = set()  # chunks in flight, held until done (the loop keeps weak references)
 _ID = re.compile(ID_PATTERN)
 _CAMPAIGN = re.compile(CAMPAIGN_PATTERN)
 _INTEGER = re.compile(r"[+-]?[0-9]{1,6}")
@@ -134,63 +129,14 @@ async def email_click(
     return RedirectResponse(target_url(runtime.rules, state, click), status_code=302)
 
 
-def _recipient(entry: Any) -> str:
-    if isinstance(entry, dict):
-        extra = set(entry) - {"customer_id"}
-        if extra:
-            raise ValueError(f"unknown field(s) {sorted(extra)}")
-        entry = entry.get("customer_id")
-    if not isinstance(entry, str) or not _ID.fullmatch(entry):  # fullmatch: `$` also matches before a final \n
-        raise ValueError('a customer id (1-128 characters, no spaces or braces) or {"customer_id": ...}')
-    return entry
-
-
 async def email_batch(request: HttpRequest) -> Response:
     runtime: Runtime = request.app.state.runtime
     body = parse_body(await request.body(), EmailBatchIn)
     checked = _check_placement(runtime, "body", body.placement, body.slots)
     if isinstance(checked, JSONResponse):
         return checked
-    n_slots = checked
-
-    async def chunk_lines(start: int, chunk: list[Any]) -> bytes:
-        good: list[tuple[int, SlotsRequest]] = []
-        out: dict[int, bytes] = {}
-        for k, entry in enumerate(chunk, start=start):
-            try:
-                cid = _recipient(entry)
-            except ValueError as exc:
-                out[k] = orjson.dumps(
-                    {"index": k, "customer_id": None, "error": f"recipients[{k}]: {exc}", "content": None}
-                )
-                continue
-            good.append((k, SlotsRequest(body.campaign_id, cid, body.placement, n_slots)))
-        answers = await runtime.email.slots_many([r for _, r in good])
-        state = runtime.state
-        assert state is not None
-        for n, ((k, r), answer) in enumerate(zip(good, answers, strict=True)):
-            if n and not n % YIELD_EVERY:
-                await asyncio.sleep(0)
-            content = runtime.email_renderer.body(answer, state)
-            out[k] = orjson.dumps({"index": k, "customer_id": r.customer_id, "error": None, "content": content})
-        return b"".join(out[k] + b"\n" for k in sorted(out))
-
-    async def lines() -> AsyncIterator[bytes]:
-        # Chunks overlap: while one waits on Redis (read, caps, store, log), the next one is decided. Lines
-        # still go out in recipient order. A chunk in flight when the client goes away still finishes, so
-        # what it decided is stored and logged (a later call reads it back).
-        in_flight: deque[asyncio.Task[bytes]] = deque()
-        for start in range(0, len(body.recipients), BATCH_CHUNK):
-            task = asyncio.create_task(chunk_lines(start, body.recipients[start : start + BATCH_CHUNK]))
-            _RUNNING.add(task)
-            task.add_done_callback(_RUNNING.discard)
-            in_flight.append(task)
-            if len(in_flight) >= CHUNKS_IN_FLIGHT:
-                yield await in_flight.popleft()
-        while in_flight:
-            yield await in_flight.popleft()
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    lines = batch_lines(runtime, body.campaign_id, body.placement, checked, body.recipients)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
 SLOTS_PATH = "/v1/email/slots/{campaign_id}/{customer_id}"
