@@ -7,9 +7,11 @@ several. So each worker also listens on a private Unix socket in a directory of 
 some of its chunks to the other workers there. A chunk is a list of recipients; the peer decides, stores,
 logs and renders them exactly as a local chunk would, and answers with the chunk's NDJSON lines.
 
-A peer that is gone, refuses, or stays silent past the budget costs nothing but time: the chunk is then
-decided here. Deciding twice is safe, because a first call stores its content only if none is stored
-(the second decision finds the first one's content and serves it).
+A peer that is gone, refuses, answers what is not its chunk's lines, or stays silent past the budget
+costs nothing but time: the chunk is then decided here, and the peer is left out for a few seconds (a
+socket nobody listens on, left by a worker that died, is removed). Deciding twice is safe, because a
+first call stores its content only if none is stored (the second decision finds the first one's content
+and serves it).
 
 Frame: 4-byte big-endian length, then the body (a job: orjson of {campaign_id, placement, slots, start,
 recipients}; an answer: one status byte, b"+" lines or b"-" error text). Only processes of the same user
@@ -139,6 +141,10 @@ class Peers:
                 await writer.drain()
                 answer = await _read_frame(reader)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            if isinstance(exc, ConnectionRefusedError):
+                # Nobody listens: the socket of a worker that died (a restarted one listens under its new pid).
+                with contextlib.suppress(OSError):
+                    peer.unlink()
             raise PeerError(f"{peer.name}: {type(exc).__name__}: {exc}") from exc
         finally:
             if writer is not None:

@@ -404,6 +404,8 @@ def test_a_batch_decides_here_the_chunks_of_a_peer_that_is_gone_or_answers_garba
             assert sorted(p.name for p in peers.iterdir()) == sorted(["1.sock", "2.sock", f"{os.getpid()}.sock"])
             assert c.get("/readyz").json()["batch_peers"] == 2
             lines = _batch(c, "peers-gone", recipients)
+            # The dead worker's socket is removed (nobody listened on it); the broken one is only left out.
+            assert sorted(p.name for p in peers.iterdir()) == sorted(["2.sock", f"{os.getpid()}.sock"])
             for line in lines[:: BATCH_CHUNK // 4]:
                 single = _slots(c, "peers-gone", line["customer_id"])
                 assert single["source"] == "stored" and single["slots"] == line["content"]["slots"]

@@ -1,9 +1,12 @@
 """`nextbest serve` as operators run it: a real uvicorn process with two workers."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -233,3 +236,56 @@ def test_one_batch_is_decided_by_both_workers_and_reads_back_the_same_on_either(
 
 def _fresh_connection_gets(base: str, path: str, n: int) -> list[dict[str, Any]]:
     return [httpx.get(f"{base}{path}", timeout=10).json() for _ in range(n)]
+
+
+def _workers_sockets(master_pid: int) -> list[Path]:
+    """The batch sockets in the directory of `nextbest serve` master_pid (each named after its worker's pid)."""
+    for directory in Path(tempfile.gettempdir()).glob("nextbest-peers-*"):
+        socks = sorted(directory.glob("*.sock"))
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                if int((Path("/proc") / sock.stem / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
+                    return socks
+    return []
+
+
+def test_a_batch_completes_when_a_worker_was_killed_and_the_dead_workers_socket_is_removed(
+    redis_url, keys, shop_dir, trained, tmp_path, shop
+):
+    from api.email_batch import BATCH_CHUNK
+
+    load_shop(redis_url, keys, shop_dir)
+    proc, base = _serve(redis_url, keys, trained.registry.root, tmp_path / "var", workers=2)
+    try:
+        deadline = time.monotonic() + 20
+        while len(socks := _workers_sockets(proc.pid)) != 2:
+            assert time.monotonic() < deadline, f"two workers' sockets expected, found {socks}"
+            time.sleep(0.2)
+        peers_dir = socks[0].parent
+        victim = socks[0]
+        os.kill(int(victim.stem), signal.SIGKILL)
+        deadline = time.monotonic() + 30  # uvicorn starts a new worker in its place, with its own socket
+        while len(list(peers_dir.glob("*.sock"))) != 3:
+            assert time.monotonic() < deadline, "no new worker replaced the killed one"
+            time.sleep(0.2)
+        customers = shop.customers["customer_id"].tolist()[:50]
+        recipients = [customers[k % len(customers)] for k in range(4 * BATCH_CHUNK)]
+        for n in range(2):  # whichever worker takes the batch, the dead worker's chunks are decided
+            r = httpx.post(
+                f"{base}/v1/email/slots:batch",
+                json={"campaign_id": f"killed-{n}", "recipients": recipients},
+                timeout=60,
+            )
+            assert r.status_code == 200
+            lines = [orjson.loads(line) for line in r.content.splitlines()]
+            assert [line["index"] for line in lines] == list(range(len(recipients)))
+            assert all(line["error"] is None and line["content"]["slots"] for line in lines)
+        deadline = time.monotonic() + 10
+        while victim.exists():
+            # A batch that offered the dead worker a chunk removed its socket; one more batch per worker at most.
+            assert time.monotonic() < deadline, "the dead worker's socket is still there"
+            httpx.post(f"{base}/v1/email/slots:batch", json={"campaign_id": "killed-x", "recipients": recipients})
+        assert len(list(peers_dir.glob("*.sock"))) == 2
+    finally:
+        _stop(proc)
+    assert not peers_dir.exists()  # `nextbest serve` removes the directory when it stops
