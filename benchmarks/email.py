@@ -19,10 +19,13 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import psutil
+import redis
 from rich.console import Console
 
 from benchmarks.latency import bench_root, free_port, load_shop_into, prepare_shop, start_server, trained_registry
 from benchmarks.loadgen import TABLE_HEADERS, LoadResult, Request, run_rate_sweep
+from benchmarks.proctree import busy_cpu_s, cpu_seconds, redis_process, serve_processes
 from benchmarks.report import Report, new_figure
 
 P99_BUDGET_MS = 10.0
@@ -150,6 +153,34 @@ def _post_batch(base: str, campaign: str, recipients: list[str]) -> tuple[int, i
     return lines, errors, first, time.perf_counter() - t0, store_fallbacks
 
 
+CPU_HEADERS = [
+    "phase",
+    "workers",
+    "serve parent",
+    "redis-server",
+    "load generator",
+    "others",
+    "machine",
+    "worker ms/recipient",
+    f"cores for {BATCH_TARGET:,.0f}/s",
+]
+
+
+def _cpu_row(phase: str, cpu: dict[str, float], busy_s: float, wall_s: float, recipients: int) -> list[object]:
+    """One phase's CPU figures from the per-process CPU seconds it took (see `CPU_HEADERS`)."""
+    workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    redis_s, loadgen = cpu["redis-server"], cpu["load generator"]
+    parent = sum(cpu.values()) - workers - redis_s - loadgen  # the serve parent and its helpers
+    others = max(0.0, busy_s - workers - parent - redis_s - loadgen)
+    per = max(recipients, 1)
+    return [
+        phase,
+        *(round(v / wall_s, 2) for v in (workers, parent, redis_s, loadgen, others, busy_s)),
+        round(1000 * workers / per, 3),
+        round(BATCH_TARGET * (workers + redis_s) / per, 2),
+    ]
+
+
 def run_email_batch_bench(console: Console, *, quick: bool, out_dir: Path, streams: int = 2) -> Path:
     spec = QUICK if quick else FULL
     report = Report(
@@ -161,6 +192,7 @@ def run_email_batch_bench(console: Console, *, quick: bool, out_dir: Path, strea
     server, registry_dir, ids, root = _serve_shop(spec, console, report)
     proc = None
     rows: list[list[object]] = []
+    cpu_rows: list[list[object]] = []
     try:
         port = free_port()
         proc = start_server(server.url, registry_dir, port, root, {"NEXTBEST_EMAIL_SIGNING_KEYS": SIGNING_KEYS})
@@ -169,11 +201,16 @@ def run_email_batch_bench(console: Console, *, quick: bool, out_dir: Path, strea
         rng = np.random.default_rng(spec.seed)
         recipients = [ids[int(i)] for i in rng.permutation(len(ids))[: spec.batch_recipients]]
         chunks = [recipients[k : k + spec.batch_size] for k in range(0, len(recipients), spec.batch_size)]
+        with redis.Redis.from_url(server.url) as client:
+            procs = serve_processes(psutil.Process(proc.pid), redis_process(client))
         for phase in ("decide and store", "read back"):
+            cpu0, busy0 = cpu_seconds(procs), busy_cpu_s()
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(streams) as pool:
                 done = list(pool.map(lambda c: _post_batch(base, "batch-bench", c), chunks))
             wall = time.perf_counter() - t0
+            cpu = {k: v - cpu0[k] for k, v in cpu_seconds(procs).items()}
+            busy = busy_cpu_s() - busy0
             lines = sum(d[0] for d in done)
             rows.append(
                 [
@@ -187,6 +224,7 @@ def run_email_batch_bench(console: Console, *, quick: bool, out_dir: Path, strea
                     round(float(np.median([d[3] for d in done])), 2),
                 ]
             )
+            cpu_rows.append(_cpu_row(phase, cpu, busy, wall, lines))
             console.print(f"{phase}: {lines:,} recipients in {wall:.1f} s = {lines / wall:,.0f}/s")
     finally:
         if proc is not None:
@@ -203,6 +241,15 @@ def run_email_batch_bench(console: Console, *, quick: bool, out_dir: Path, strea
         "store, log); 'read back': the same recipients again (stored content, replacement check, rendering). "
         "Redis fallbacks: recipients answered with bestsellers because a Redis call failed (should be 0). "
         "First line and batch time: medians over the batches.",
+    )
+    report.add_table(
+        "Where the CPU went in each phase (cores busy on average, and CPU per recipient)",
+        CPU_HEADERS,
+        cpu_rows,
+        note="cores: CPU seconds of each process over the phase's wall time (1.0 = one core all along); others: "
+        "the rest of the machine. 'worker ms/recipient': the serve workers' CPU per recipient. "
+        f"'cores for {BATCH_TARGET:,.0f}/s': the workers' and Redis's CPU per recipient times "
+        f"{BATCH_TARGET:,.0f}, what the target would take on cores doing nothing else.",
     )
     report.print(console)
     path = report.write(out_dir)

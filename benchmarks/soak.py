@@ -38,6 +38,7 @@ from benchmarks.latency import trained_registry as _trained_registry
 from benchmarks.loadgen import LoadResult, Request, _new_loop, run_open_loop
 from benchmarks.offers import _requests as offer_requests
 from benchmarks.offers import offers_rules
+from benchmarks.proctree import busy_cpu_s, cpu_seconds, redis_process, serve_processes
 from benchmarks.report import Report, new_figure
 from feature_store.keys import Keys
 
@@ -289,41 +290,22 @@ class Watcher:
     def __init__(self, serve_pid: int, redis_url: str, port: int) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.parent = psutil.Process(serve_pid)
-        self.redis = psutil.Process(int(self.client.info("server")["process_id"]))
-        self.me = psutil.Process()
+        self.redis = redis_process(self.client)
         self.port = port
         self.procs = self._discover()
         self.cpu = self._cpu()
-        self.machine_cpu = _busy_cpu_s()
+        self.machine_cpu = busy_cpu_s()
         self.counters = self._scrape() or {}
         self.t = time.monotonic()
 
     def _discover(self) -> dict[str, psutil.Process]:
-        procs = {"serve (parent)": self.parent}
-        helpers: list[psutil.Process] = []
-        workers: list[psutil.Process] = []
-        for child in sorted(self.parent.children(recursive=True), key=lambda p: p.pid):
-            try:
-                cmd = " ".join(child.cmdline())
-            except psutil.Error:
-                continue
-            (helpers if "resource_tracker" in cmd else workers).append(child)
-        procs |= {f"worker {n}": w for n, w in enumerate(workers, 1)}
-        procs |= {"resource tracker" if n == 0 else f"helper {n}": h for n, h in enumerate(helpers)}
-        return procs | {"redis-server": self.redis, "load generator": self.me}
+        return serve_processes(self.parent, self.redis)
 
     def worker_pids(self) -> tuple[int, ...]:
         return tuple(p.pid for label, p in self.procs.items() if label.startswith("worker"))
 
     def _cpu(self) -> dict[str, float]:
-        out = {}
-        for label, p in self.procs.items():
-            try:
-                t = p.cpu_times()
-                out[label] = t.user + t.system
-            except psutil.Error:
-                out[label] = math.nan
-        return out
+        return cpu_seconds(self.procs)
 
     def _scrape(self) -> dict[str, float] | None:
         # An overloaded server may not answer in time: the next window's delta then covers both windows.
@@ -353,7 +335,7 @@ class Watcher:
                 rss[label] = math.nan
         cpu = self._cpu()
         pct = {k: 100.0 * (v - self.cpu.get(k, math.nan)) / wall for k, v in cpu.items()}
-        machine = _busy_cpu_s()
+        machine = busy_cpu_s()
         ours = sum(v for v in pct.values() if not math.isnan(v)) * wall / 100.0
         pct["others on the machine"] = max(0.0, 100.0 * (machine - self.machine_cpu - ours) / wall)
         scraped = self._scrape()
@@ -379,11 +361,6 @@ class Watcher:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 # -- the run --------------------------------------------------------------------------------------------
