@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import Settings
 from feature_store.log_export import ExportError, LogExporter
+from tests.clear_text import in_clear
 from tests.conftest import load_shop
 
 T = "2026-11-01T12:00:00Z"
@@ -71,6 +72,11 @@ def _decide(client: TestClient, customer: str, placement: str = "home", limit: i
     return body
 
 
+def test_an_id_in_clear_is_a_whole_token_not_letters_of_a_longer_one():
+    assert in_clear("c3", '{"customer":"c3"}') and in_clear("c3", "key:{c:c3}:x")
+    assert not in_clear("c3", '{"customer":"9b4d5bfbbe55c3b0"}') and not in_clear("c3", "c31 xc3 c3_")
+
+
 def test_every_decision_is_logged_with_the_probability_of_each_shown_item(client, r, keys, shop):
     customer = _buyer(shop)
     answers = [_decide(client, customer, p) for p in ("home", "pdp", "cart", "home")]
@@ -79,7 +85,7 @@ def test_every_decision_is_logged_with_the_probability_of_each_shown_item(client
     pseudonym = _pseudonym(r, keys, customer)
     for answer in answers:
         entry = logged[answer["decision_id"]]
-        assert entry["customer"] == pseudonym and customer not in orjson.dumps(entry).decode()
+        assert entry["customer"] == pseudonym and not in_clear(customer, orjson.dumps(entry).decode())
         assert entry["placement"] == answer["placement"] and entry["model_version"] == answer["model_version"]
         assert len(entry["config_version"]) == 12 and entry["channel"] == "web"
         assert [a["item_id"] for a in entry["actions"]] == [i["item_id"] for i in answer["items"]]

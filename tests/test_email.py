@@ -26,6 +26,7 @@ from api.settings import Settings
 from api.signing import ClickSigner, ClickToken, InvalidTokenError
 from feature_store.keys import Keys
 from feature_store.server import EmbeddedRedis
+from tests.clear_text import in_clear, link_payload
 from tests.conftest import load_shop
 from tests.test_serve import _serve, _stop
 
@@ -109,7 +110,8 @@ def test_slots_carry_title_formatted_price_image_and_signed_link(client, shop, r
         row = catalog.loc[s["item_id"]]
         assert s["title"] == row["title"] and s["image_url"] == row["image_url"]
         assert s["click_url"].startswith("http://127.0.0.1:8000/v1/email/click/")
-        assert customer not in s["click_url"]  # the link does not carry the customer id in clear
+        # The link does not carry the customer id, in clear or inside its (readable) base64 payload.
+        assert not in_clear(customer, s["click_url"]) and customer not in map(str, link_payload(s["click_url"]))
         assert s["price_formatted"]
     assert country is not None and body["currency"] in {"EUR", "GBP"}
 
