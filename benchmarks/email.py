@@ -171,7 +171,7 @@ def _cpu_row(phase: str, cpu: dict[str, float], busy_s: float, wall_s: float, re
     workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
     redis_s, loadgen = cpu["redis-server"], cpu["load generator"]
     parent = sum(cpu.values()) - workers - redis_s - loadgen  # the serve parent and its helpers
-    others = max(0.0, busy_s - workers - parent - redis_s - loadgen)
+    others = max(0.0, busy_s - sum(cpu.values()))
     per = max(recipients, 1)
     return [
         phase,

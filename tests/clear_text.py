@@ -6,17 +6,6 @@ a plain substring test fails by chance on some runs; a token is a run of letters
 
 import re
 
-import orjson
-
-from api.signing import _unb64
-
 
 def in_clear(identifier: str, text: str) -> bool:
     return re.search(rf"(?<![A-Za-z0-9_-]){re.escape(identifier)}(?![A-Za-z0-9_-])", text) is not None
-
-
-def link_payload(click_url: str) -> list[object]:
-    """The fields a signed click link carries (`<key id>.<base64 JSON>.<signature>` after the last /)."""
-    _kid, payload, _signature = click_url.rsplit("/", 1)[1].split(".")
-    fields: list[object] = orjson.loads(_unb64(payload))
-    return fields
