@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -499,6 +500,14 @@ def log_export(
     )
 
 
+def _wants_benchmarks(args: list[str]) -> bool:
+    """Whether the command line asks for `nextbest bench …` (the first word that is not an option)."""
+    return next((a for a in args if not a.startswith("-")), None) == "bench"
+
+
 def main() -> None:
-    _register_benchmarks()
+    # The benchmark modules bring scipy, matplotlib and LightGBM (about 3 s and 250 MB): only `bench` needs
+    # their commands, so `serve` (a restart), `load` and the rest start without them.
+    if _wants_benchmarks(sys.argv[1:]):
+        _register_benchmarks()
     app()

@@ -66,3 +66,36 @@ def test_serve_refuses_an_invalid_rules_file_with_a_clear_error(cli_env, tmp_pat
     r = CliRunner().invoke(app, ["serve", "--port", "1"])
     assert r.exit_code == 2
     assert "placements.home.colour" in " ".join(r.output.split())
+
+
+_MAIN = """
+import sys
+from api import cli
+sys.argv = ["nextbest", *sys.argv[1:]]
+try:
+    cli.main()
+except SystemExit:
+    pass
+print("imported:", ",".join(sorted(m for m in sys.modules if m.startswith("benchmarks."))))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "listed", "imported"),
+    [
+        (["registry", "--help"], None, False),
+        (["--help"], "bench", False),
+        (["bench", "--help"], "regret", True),
+    ],
+)
+def test_only_the_bench_command_loads_the_benchmark_modules(args, listed, imported):
+    """scipy, matplotlib and LightGBM cost every other command (a server restart among them) about 3 s; the
+    top-level help still lists the bench group, and `bench --help` its commands."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MAIN, *args], capture_output=True, text=True, check=False)
+    modules = done.stdout.rsplit("imported:", 1)[1].strip()
+    assert ("benchmarks.regret" in modules.split(",")) is imported, modules
+    if listed:
+        assert listed in done.stdout.rsplit("imported:", 1)[0]
