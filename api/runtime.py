@@ -150,6 +150,9 @@ class Runtime:
         await self.background_store.close()
         await self.ingest_client.close()
         await self.caps_client.close()
+        # What refresh froze can be collected again (the process's last collection, or the next runtime's):
+        # frozen objects are never freed, and extensions such as DuckDB's then report them leaked at exit.
+        gc.unfreeze()
 
     async def _shared_signing_key(self) -> None:
         """Without configured keys, one random key kept in Redis, so every worker and replica verifies the

@@ -1,5 +1,6 @@
 """The HTTP API against a real Redis and real trained models."""
 
+import gc
 import shutil
 import time
 from collections.abc import Iterator
@@ -109,6 +110,17 @@ def test_bad_requests_get_422_naming_the_field(client, body, field):
 def test_malformed_json_is_422(client):
     r = client.post("/v1/recommendations", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+
+
+def test_what_a_refresh_froze_is_collectable_again_once_the_app_stops(redis_url, keys, shop_dir, registry_copy):
+    """Loaded model and catalog go to the permanent generation while serving (full collections skip them);
+    after shutdown they must not stay there, or they are never freed (and DuckDB reports leaks at exit)."""
+    load_shop(redis_url, keys, shop_dir)
+    gc.unfreeze()
+    with TestClient(create_app(_settings(registry_copy.root, keys), redis_url=redis_url)) as c:
+        assert c.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_health_readiness_and_metrics(client):
