@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 
@@ -58,9 +59,9 @@ def client(redis_url, keys, shop_dir, registry_root) -> Iterator[TestClient]:
         yield c
 
 
-def _call(client: TestClient, method: str, path: str, body: dict[str, Any] | None, key: str | None) -> httpx.Response:
+def _call(client: TestClient, method: str, path: str, body: dict[str, Any] | None, key: str | None) -> httpx2.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    response: httpx.Response = client.request(method, path, json=body, headers=headers)
+    response: httpx2.Response = client.request(method, path, json=body, headers=headers)
     return response
 
 
