@@ -92,7 +92,8 @@ def load_shop(redis_url: str, keys: Keys, shop_dir: Path) -> int:
 
 
 def _files_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file())
+    stats = [(p.name, p.stat()) for p in sorted(folder.iterdir()) if p.is_file()]
+    return tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
 
 
 @functools.lru_cache(maxsize=8)

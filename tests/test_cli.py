@@ -1,6 +1,8 @@
 """The nextbest command line, end to end on small data and a real Redis."""
 
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -91,9 +93,6 @@ print("imported:", ",".join(sorted(m for m in sys.modules if m.startswith("bench
 def test_only_the_bench_command_loads_the_benchmark_modules(args, listed, imported):
     """scipy, matplotlib and LightGBM cost every other command (a server restart among them) about 3 s; the
     top-level help still lists the bench group, and `bench --help` its commands."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", _MAIN, *args], capture_output=True, text=True, check=False)
     modules = done.stdout.rsplit("imported:", 1)[1].strip()
     assert ("benchmarks.regret" in modules.split(",")) is imported, modules
