@@ -11,10 +11,12 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -56,6 +58,11 @@ def redis_url(settings: Settings) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM as an exit that unwinds: what `serve` started (the embedded Redis, folders) is then cleaned up."""
+    raise SystemExit(0)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -252,6 +259,9 @@ def serve(
     # One BLAS thread per worker: requests are small matrix products, and threads only fight for the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     prom = settings.data_dir / f"prometheus-{os.getpid()}"
+    # A single uvicorn worker ends its graceful shutdown by raising the signal again, and SIGTERM's default
+    # action would then kill this process before the embedded Redis is stopped and the folders removed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with redis_url(settings) as url, contextlib.ExitStack() as cleanup:
         os.environ["REDIS_URL"] = url
         if n_workers > 1:
@@ -271,6 +281,9 @@ def serve(
             console.print(f"metrics on http://{host or settings.host}:{settings.metrics_port}/metrics")
         # Workers read their settings from the environment: what this command was told wins there too.
         os.environ["NEXTBEST_HOST"], os.environ["NEXTBEST_PORT"] = host or settings.host, str(port or settings.port)
+        # With one worker uvicorn builds the app in this process: its settings must be read again, not the
+        # ones cached above, from before REDIS_URL pointed at the embedded server.
+        get_settings.cache_clear()
         uvicorn.run(
             "api.app:create_app",
             factory=True,

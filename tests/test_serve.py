@@ -18,6 +18,8 @@ import pytest
 from api.readiness import wait_until_ready
 from tests.conftest import load_shop
 
+BALANCER = "https://nb.shop.example"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +28,13 @@ def _free_port() -> int:
 
 
 def _serve(
-    redis_url: str, keys, registry: Path, data_dir: Path, workers: int, rules_file: Path | None = None
+    redis_url: str,
+    keys,
+    registry: Path,
+    data_dir: Path,
+    workers: int,
+    rules_file: Path | None = None,
+    public_url: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {
@@ -40,6 +48,8 @@ def _serve(
     }
     if rules_file is not None:
         env["NEXTBEST_RULES_FILE"] = str(rules_file)
+    if public_url is not None:
+        env["NEXTBEST_PUBLIC_URL"] = public_url
     exe = Path(sys.executable).with_name("nextbest")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", str(workers)], env=env)
     base = f"http://127.0.0.1:{port}"
@@ -65,7 +75,11 @@ def server(redis_url, keys, shop_dir, trained, tmp_path):
 def two_servers(redis_url, keys, shop_dir, trained, tmp_path):
     """Two separate API processes on different ports, sharing one Redis (as replicas behind a balancer)."""
     load_shop(redis_url, keys, shop_dir)
-    started = [_serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1) for n in range(2)]
+    # Replicas behind one balancer: email links point at its address, whichever replica wrote them.
+    started = [
+        _serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1, public_url=BALANCER)
+        for n in range(2)
+    ]
     yield [base for _, base in started]
     for proc, _ in started:
         _stop(proc)
@@ -289,3 +303,37 @@ def test_a_batch_completes_when_a_worker_was_killed_and_the_dead_workers_socket_
     finally:
         _stop(proc)
     assert not peers_dir.exists()  # `nextbest serve` removes the directory when it stops
+
+
+def test_one_worker_on_the_embedded_redis_serves_what_nextbest_load_put_there(shop_dir, trained, tmp_path, shop):
+    """No REDIS_URL and `--workers 1`: uvicorn builds the app in the serve process itself, which must use the
+    embedded server that process started (its settings were first read before that, with no Redis at all)."""
+    from feature_store.server import _socket_path
+
+    data = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("NEXTBEST_")}
+    env |= {"NEXTBEST_DATA_DIR": str(data), "NEXTBEST_REGISTRY_DIR": str(trained.registry.root)}
+    env["NEXTBEST_LOG_LEVEL"] = "warning"
+    exe = Path(sys.executable).with_name("nextbest")
+    subprocess.run([str(exe), "load", "--data", str(shop_dir)], env=env, check=True, capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "1"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base, proc, timeout_s=60)
+        reasons = []
+        with httpx.Client(base_url=base, timeout=5) as c:
+            for customer in shop.customers["customer_id"].tolist()[:20]:
+                r = c.post("/v1/recommendations", json={"customer_id": customer, "placement": "home", "limit": 4})
+                assert r.status_code == 200 and len(r.json()["items"]) == 4, r.text
+                reasons.append(r.json()["fallback_reason"])
+            r = c.get(f"/v1/email/slots/one-worker/{customer}", params={"placement": "email:weekly", "slots": 4})
+            # With no NEXTBEST_PUBLIC_URL, links point at this server: the port it was told, not the default.
+            assert r.status_code == 200 and r.json()["slots"], r.text
+            assert all(s["click_url"].startswith(f"{base}/v1/email/click/") for s in r.json()["slots"]), r.text
+    finally:
+        _stop(proc)
+    # The profiles `load` wrote are read: personal answers, and no customer unknown or Redis missing.
+    assert None in reasons and set(reasons) <= {None, "no_personalization_consent"}, reasons
+    assert not _socket_path(data / "redis").exists()  # the embedded Redis was shut down with the server
+    assert proc.returncode == 0
