@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     )
     email_signing_keys: SecretStr | None = Field(
         None,
-        description="click-link keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random key per "
-        "process, so links break on restart and across replicas",
+        description="click-link keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random demo key "
+        "kept in Redis (shared by every worker and replica on that Redis; not for real emails)",
     )
     api_keys: SecretStr | None = Field(
         None,
