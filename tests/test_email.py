@@ -29,7 +29,7 @@ from feature_store.keys import Keys
 from feature_store.server import EmbeddedRedis
 from tests.clear_text import in_clear
 from tests.conftest import load_shop
-from tests.test_serve import _serve, _stop
+from tests.test_serve import BALANCER, _serve, _stop
 
 KEYS_SETTING = "k2:second-secret-0123456789,k1:first-secret-0123456789"
 OFFER_RULES = """
@@ -297,7 +297,11 @@ def test_concurrent_first_calls_on_two_servers_store_one_content(
 ):
     monkeypatch.setenv("NEXTBEST_REDIS_TIMEOUT_MS", "2000")  # a slow CI machine must not turn this into fallbacks
     load_shop(redis_url, keys, shop_dir)
-    started = [_serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1) for n in range(2)]
+    # Replicas behind one balancer share its public address, so click links agree whichever answered.
+    started = [
+        _serve(redis_url, keys, trained.registry.root, tmp_path / f"var{n}", workers=1, public_url=BALANCER)
+        for n in range(2)
+    ]
     customers = _buyers(shop, 10)
     try:
         bases = [base for _, base in started]
