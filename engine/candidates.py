@@ -1,7 +1,16 @@
-"""Candidate sources: each returns catalog positions with a score in [0, 1], best first."""
+"""Candidate sources for a batch of requests: each returns catalog positions with a score in [0, 1], per request.
+
+A batch is one placement's requests (one recipient each for an email batch, one for a web request). Each
+source answers for all of them at once in flat arrays grouped by request ("row"), best first within a row,
+so the cost of a numpy call is paid per batch and not per request. A row's candidates are exactly those a
+one-request batch would get for it; only the ALS product may differ in the last bit of a float32 (a matrix
+product of many users is summed in another order than one user's), as any BLAS kernel choice would.
+"""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,42 +22,70 @@ from engine.types import Context, Profile
 # How much each kind of interaction says about taste when folding in a customer the model lacks.
 FOLD_IN_WEIGHTS = {"purchase": 8.0, "cart": 4.0, "view": 1.0}
 RECENCY_DECAY = 0.85  # weight of the n-th most recent view relative to the one before
-_SAMPLE_FROM = 8  # _top samples a threshold when the scores are this many times n or more
+RECENT_SEEDS = 10  # cart and recent views that seed "similar to recent"
+# The seed weights of k recent seeds, as numpy computes 0.85 ** arange(k) for each k (kept bit for bit).
+_DECAY = tuple((RECENCY_DECAY ** np.arange(k)).astype(np.float32) for k in range(RECENT_SEEDS + 1))
+_SAMPLE_FROM = 8  # the ALS top-n samples a threshold when a row has this many times n items or more
 _SAMPLE_SIZE = 256
+_PRODUCT_CELLS = 4_000_000  # float32 scores of one matrix product block (16 MB): rows × catalog items
+_TINY = np.finfo(np.float32).smallest_subnormal  # scores at least this are positive
+_EMPTY_I = np.empty(0, dtype=np.int64)
+_EMPTY_F = np.empty(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
 class Candidates:
+    """One source's candidates for a batch: rows ascending, best first within a row."""
+
     source: str
+    row: IntArray
     idx: IntArray
     score: FloatArray
 
     @classmethod
     def empty(cls, source: str) -> Candidates:
-        return cls(source, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
+        return cls(source, _EMPTY_I, _EMPTY_I, _EMPTY_F)
+
+    def __len__(self) -> int:
+        return len(self.idx)
 
 
-def _top(scores: FloatArray, n: int) -> IntArray:
-    """The best n positions by score, best first; ties to the lower position.
+def row_starts(rows: IntArray, n_rows: int) -> IntArray:
+    """Where each row begins in an array grouped by row (n_rows + 1 boundaries)."""
+    return np.searchsorted(rows, np.arange(n_rows + 1)).astype(np.int64)
 
-    Partitioning a whole catalog costs far more than the top needs: a strided sample's quantile first
-    gives a threshold that keeps about 2n positions (if it keeps fewer than n, nothing is skipped).
-    """
-    m = len(scores)
-    cand: IntArray | None = None
-    if m > _SAMPLE_FROM * n:
-        sample = scores[:: max(m // _SAMPLE_SIZE, 1)]
-        kth = len(sample) - 1 - (2 * n * len(sample)) // m
-        if kth > 0:
-            above = np.flatnonzero(scores >= np.partition(sample, kth)[kth])
-            if len(above) >= n:
-                cand = above
-    if cand is None:
-        cand = np.arange(m)
-    if len(cand) > n:
-        part = np.argpartition(-scores[cand], n - 1)[:n]
-        cand = np.sort(cand[part])  # position order, so the stable sort below breaks ties as before
-    return cand[np.argsort(-scores[cand], kind="stable")].astype(np.int64)
+
+def row_first(rows: IntArray) -> IntArray:
+    """For each entry of an array grouped by row, the position of its row's first entry."""
+    n = len(rows)
+    if n == 0 or rows[0] == rows[-1]:
+        return np.zeros(n, dtype=np.int64)
+    first = np.zeros(n, dtype=np.int64)
+    change = np.flatnonzero(rows[1:] != rows[:-1]) + 1
+    first[change] = change
+    return np.maximum.accumulate(first)
+
+
+def rank_in_row(rows: IntArray) -> IntArray:
+    """Each entry's position within its row, for an array grouped by row."""
+    return np.arange(len(rows)) - row_first(rows)
+
+
+def descending_key(rows: IntArray, scores: FloatArray) -> np.ndarray:  # type: ignore[type-arg]
+    """A uint64 per entry that sorts by row, then by float32 score descending (-0.0 equal to 0.0)."""
+    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)
+    ascending = np.where(bits >> np.uint64(31), ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
+    return (rows.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - ascending)
+
+
+def best_first(rows: IntArray, scores: FloatArray, n: int | IntArray) -> IntArray:
+    """Entries (grouped by row, in tie-break order within a row) ordered best first per row, the first n kept."""
+    if len(rows) == 0 or rows[0] == rows[-1]:  # one row: a plain sort is cheaper than building keys
+        order = np.argsort(-scores, kind="stable")
+        return order[:n] if isinstance(n, int) else order[: int(n[rows[0]])] if len(rows) else order
+    order = np.argsort(descending_key(rows, scores), kind="stable")
+    keep = rank_in_row(rows[order]) < (n if isinstance(n, int) else n[rows[order]])
+    return order[keep]
 
 
 def user_vector(state: ServingState, customer_id: str, profile: Profile | None) -> FloatArray | None:
@@ -79,70 +116,189 @@ def user_vector(state: ServingState, customer_id: str, profile: Profile | None) 
     return model.fold_in(pos[ok].astype(np.int64), np.asarray(weights, dtype=np.float32)[ok])
 
 
-def als(state: ServingState, user_vec: FloatArray | None, n: int) -> Candidates:
-    if user_vec is None or not state.any_in_model:
+def als(state: ServingState, rows: IntArray, vectors: FloatArray, n: int) -> Candidates:
+    """The n items with the highest positive affinity per row (ties to the lower position), scaled by the best.
+
+    `vectors` holds one user factor per entry of `rows`. The product runs in blocks of rows (one matrix
+    product each: the item factors are read once per block, not once per user).
+    """
+    if len(rows) == 0 or not state.any_in_model:
         return Candidates.empty("als")
-    scores = state.item_factors @ user_vec  # items outside the model have zero factors: score 0
-    idx = _top(scores, n)
-    idx = idx[scores[idx] > 0]
-    if len(idx) == 0:
+    factors_t = state.item_factors.T
+    block = max(1, _PRODUCT_CELLS // max(len(state.catalog), 1))
+    parts = []
+    for start in range(0, len(rows), block):
+        scores = vectors[start : start + block] @ factors_t  # items outside the model have zero factors: 0
+        r, c, v = _top_cells(scores, n)
+        parts.append((rows[start : start + block][r], c, v))
+    if len(parts) == 1:
+        row, idx, score = parts[0]
+    else:
+        row, idx, score = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    order = best_first(row, score, n)
+    row, idx, score = row[order], idx[order], score[order]
+    if len(row) == 0:
         return Candidates.empty("als")
-    s = scores[idx]
-    return Candidates("als", idx, (s / s[0]).astype(np.float32))
+    return Candidates("als", row, idx, _scaled_by_row_best(row, score))
 
 
-def neighbours(state: ServingState, seeds: IntArray, seed_weights: FloatArray, n: int, source: str) -> Candidates:
-    """Items similar to the seeds; an item near several seeds keeps its best weighted similarity."""
+def _top_cells(scores: FloatArray, n: int) -> tuple[IntArray, IntArray, FloatArray]:
+    """(row, column, score) of every positive score that can be among its row's n best, in row-major order.
+
+    Comparing a whole catalog is cheap; sorting it is not: a strided sample's quantile per row gives a
+    threshold that keeps about 2n columns (a row it leaves with fewer than n keeps every positive score).
+    """
+    m = scores.shape[1]
+    if len(scores) == 1:  # one row (a web request): the same in 1-d calls, which cost less
+        return _top_cells_of_one(scores[0], n)
+    cut = np.full(len(scores), _TINY, dtype=np.float32)
+    if m > _SAMPLE_FROM * n:
+        sample = scores[:, :: max(m // _SAMPLE_SIZE, 1)]
+        kth = sample.shape[1] - 1 - (2 * n * sample.shape[1]) // m
+        if kth > 0:
+            cut = np.maximum(np.partition(sample, kth, axis=1)[:, kth], _TINY)
+    kept = scores >= cut[:, None]
+    short = np.count_nonzero(kept, axis=1) < n
+    if short.any():
+        kept[short] = scores[short] >= _TINY
+    cells = np.flatnonzero(kept)
+    return cells // m, cells % m, scores.ravel()[cells]
+
+
+def _top_cells_of_one(scores: FloatArray, n: int) -> tuple[IntArray, IntArray, FloatArray]:
+    m = len(scores)
+    cut = _TINY
+    if m > _SAMPLE_FROM * n:
+        sample = scores[:: max(m // _SAMPLE_SIZE, 1)]
+        kth = len(sample) - 1 - (2 * n * len(sample)) // m
+        if kth > 0:
+            cut = max(np.partition(sample, kth)[kth], _TINY)
+    cells = np.flatnonzero(scores >= cut)
+    if len(cells) < n:
+        cells = np.flatnonzero(scores >= _TINY)
+    return np.zeros(len(cells), dtype=np.int64), cells, scores[cells]
+
+
+def _scaled_by_row_best(rows: IntArray, score: FloatArray) -> FloatArray:
+    """Scores divided by their row's first (best) score, in float32."""
+    return (score / score[row_first(rows)]).astype(np.float32)
+
+
+def neighbours(
+    state: ServingState, n_rows: int, rows: IntArray, seeds: IntArray, seed_weights: FloatArray, n: int, source: str
+) -> Candidates:
+    """Items similar to each row's seeds; an item near several seeds keeps its best weighted similarity.
+
+    `rows`, `seeds` and `seed_weights` are parallel, grouped by row (rows < n_rows). Ties go to the lower position.
+    """
     if len(seeds) == 0:
         return Candidates.empty(source)
+    m = len(state.catalog)
     nb = state.neighbours_idx[seeds]
     sim = state.neighbours_sim[seeds] * seed_weights[:, None]
     flat_idx, flat_sim = nb.ravel(), sim.ravel()
     keep = (flat_idx >= 0) & (flat_sim > 0)
-    flat_idx, flat_sim = flat_idx[keep], flat_sim[keep]
-    if len(flat_idx) == 0:
+    flat_cell = (np.repeat(rows, nb.shape[1]) * m + flat_idx)[keep]
+    if len(flat_cell) == 0:
         return Candidates.empty(source)
-    # Each item's best weighted similarity, then best first with ties to the lower position.
-    best = np.zeros(len(state.catalog), dtype=np.float32)
-    np.maximum.at(best, flat_idx, flat_sim.astype(np.float32, copy=False))
-    idx = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
-    score = best[idx]
-    top = np.argsort(-score, kind="stable")[:n]
-    idx, score = idx[top], score[top]
-    return Candidates(source, idx.astype(np.int64), (score / score[0]).astype(np.float32))
+    # Each (row, item)'s best weighted similarity, in a row × catalog array.
+    best = np.zeros(n_rows * m, dtype=np.float32)
+    np.maximum.at(best, flat_cell, flat_sim[keep].astype(np.float32, copy=False))
+    cells = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
+    row, idx, score = cells // m, cells % m, best[cells]
+    top = best_first(row, score, n)
+    row, idx, score = row[top], idx[top], score[top]
+    return Candidates(source, row, idx, _scaled_by_row_best(row, score))
 
 
-def context_neighbours(state: ServingState, context: Context, n: int) -> Candidates:
-    seeds = state.catalog.indices(context.item_ids)
-    # The current item counts more than what already sits in the cart.
-    weights = np.array([1.0 if i == 0 and context.item_id else 0.8 for i in range(len(seeds))], dtype=np.float32)
-    return neighbours(state, seeds, weights, n, "neighbours")
+def context_neighbours(state: ServingState, contexts: Sequence[Context], rows: Sequence[int], n: int) -> Candidates:
+    """Items similar to the context (current item and cart) of each of `rows`."""
+    seed_rows: list[int] = []
+    seeds: list[int] = []
+    weights: list[float] = []
+    index = state.catalog.index
+    for r in rows:
+        context = contexts[r]
+        if not context.item_ids:
+            continue
+        known = [index[i] for i in context.item_ids if i in index]
+        # The current item counts more than what already sits in the cart.
+        weights += [1.0 if k == 0 and context.item_id else 0.8 for k in range(len(known))]
+        seeds += known
+        seed_rows += [r] * len(known)
+    return neighbours(
+        state,
+        len(contexts),
+        np.asarray(seed_rows, dtype=np.int64),
+        np.asarray(seeds, dtype=np.int64),
+        np.asarray(weights, dtype=np.float32),
+        n,
+        "neighbours",
+    )
 
 
-def recent_neighbours(state: ServingState, profile: Profile | None, n: int) -> Candidates:
-    if profile is None:
-        return Candidates.empty("recent_neighbours")
-    seeds = state.catalog.indices((profile.cart + profile.recent_views)[:10])
-    weights = (RECENCY_DECAY ** np.arange(len(seeds))).astype(np.float32)
-    return neighbours(state, seeds, weights, n, "recent_neighbours")
+def recent_neighbours(
+    state: ServingState, profiles: Sequence[Profile | None], rows: Sequence[int], n: int
+) -> Candidates:
+    """Items similar to what each of `rows` has in the cart and viewed last (the more recent, the more)."""
+    seed_rows: list[int] = []
+    seeds: list[int] = []
+    weights: list[FloatArray] = []
+    index = state.catalog.index
+    for r in rows:
+        profile = profiles[r]
+        if profile is None:
+            continue
+        known = [index[i] for i in (profile.cart + profile.recent_views)[:RECENT_SEEDS] if i in index]
+        if known:
+            seeds += known
+            seed_rows += [r] * len(known)
+            weights.append(_DECAY[len(known)])
+    return neighbours(
+        state,
+        len(profiles),
+        np.asarray(seed_rows, dtype=np.int64),
+        np.asarray(seeds, dtype=np.int64),
+        np.concatenate(weights) if weights else _EMPTY_F,
+        n,
+        "recent_neighbours",
+    )
 
 
-def buy_again(state: ServingState, profile: Profile | None, now_day: int, allow_all: bool, n: int) -> Candidates:
-    """Items the customer bought before and is due to buy again, scored by how due and how habitual.
+def buy_again(
+    state: ServingState, profiles: Sequence[Profile | None], rows: Sequence[int], now_day: int, allow_all: bool, n: int
+) -> Candidates:
+    """Items each customer bought before and is due to buy again, scored by how due and how habitual.
 
     The expected gap is the customer's own average gap for that item when they bought it at least
-    twice, else the category's typical repurchase interval learned in training.
+    twice, else the category's typical repurchase interval learned in training. Ties keep purchase order.
     """
-    if profile is None or not profile.purchases:
-        return Candidates.empty("buy_again")
     cat = state.catalog
-    bought = [p for p in profile.purchases if p.item_id in cat.index]
-    if not bought:
+    index = cat.index
+    row_l: list[int] = []
+    idx_l: list[int] = []
+    count_l: list[int] = []
+    first_l: list[int] = []
+    last_l: list[int] = []
+    for r in rows:
+        profile = profiles[r]
+        if profile is None:
+            continue
+        for p in profile.purchases:
+            i = index.get(p.item_id)
+            if i is not None:
+                row_l.append(r)
+                idx_l.append(i)
+                count_l.append(p.count)
+                first_l.append(p.first_day)
+                last_l.append(p.last_day)
+    if not idx_l:
         return Candidates.empty("buy_again")
-    idx = np.array([cat.index[p.item_id] for p in bought], dtype=np.int64)
-    count = np.array([p.count for p in bought], dtype=np.float32)
-    first = np.array([p.first_day for p in bought], dtype=np.float32)
-    last = np.array([p.last_day for p in bought], dtype=np.float32)
+    row = np.asarray(row_l, dtype=np.int64)
+    idx = np.asarray(idx_l, dtype=np.int64)
+    count = np.asarray(count_l, dtype=np.float32)
+    first = np.asarray(first_l, dtype=np.float32)
+    last = np.asarray(last_l, dtype=np.float32)
     codes = cat.category[idx]
     allowed = np.ones(len(idx), dtype=bool) if allow_all else state.repurchase_category[codes]
     own_gap = np.where(count >= 2, (last - first) / np.maximum(count - 1, 1), 0.0)
@@ -153,30 +309,69 @@ def buy_again(state: ServingState, profile: Profile | None, now_day: int, allow_
     habit = 1.0 - np.exp(-count / 2.0)
     score = (habit * (0.35 + 0.65 * dueness)).astype(np.float32)
     keep = np.flatnonzero(allowed & (score > 0))
-    order = keep[np.argsort(-score[keep], kind="stable")][:n]
-    return Candidates("buy_again", idx[order], score[order])
+    order = keep[best_first(row[keep], score[keep], n)]
+    return Candidates("buy_again", row[order], idx[order], score[order])
 
 
-def focus_categories(state: ServingState, profile: Profile | None, context: Context) -> list[int]:
+def focus_categories(state: ServingState, profile: Profile | None, context: Context) -> tuple[int, ...]:
     """Categories to draw bestsellers from: the context's, else the customer's strongest affinities."""
     cat = state.catalog
     ctx = cat.indices(context.item_ids)
     if len(ctx):
-        return list(dict.fromkeys(int(c) for c in cat.category[ctx]))
+        return tuple(dict.fromkeys(int(c) for c in cat.category[ctx]))
     if profile is not None:
-        return [cat.category_index[c] for c, _ in profile.category_affinity[:3] if c in cat.category_index]
-    return []
+        return tuple(cat.category_index[c] for c, _ in profile.category_affinity[:3] if c in cat.category_index)
+    return ()
 
 
-def bestsellers(state: ServingState, categories: list[int], n: int) -> Candidates:
+# Bestsellers depend on the state, the categories and n only: each list is built once per serving state
+# (held weakly, so a state replaced by a refresh goes with its lists).
+_Bestsellers = dict[tuple[tuple[int, ...], int], tuple[str, IntArray, FloatArray]]
+_BESTSELLERS: weakref.WeakKeyDictionary[ServingState, _Bestsellers] = weakref.WeakKeyDictionary()
+
+
+def _bestseller_list(state: ServingState, categories: tuple[int, ...], n: int) -> tuple[str, IntArray, FloatArray]:
+    lists = _BESTSELLERS.get(state)
+    if lists is None:
+        lists = _BESTSELLERS[state] = {}
+    cached = lists.get((categories, n))
+    if cached is not None:
+        return cached
+    source, idx, score = "bestseller", _EMPTY_I, _EMPTY_F
+    found = False
     if categories:
         per_cat = max(n // len(categories), 5)
-        parts = [state.bestsellers_by_category.get(c, np.empty(0, dtype=np.int64))[:per_cat] for c in categories]
-        idx = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        parts = [state.bestsellers_by_category.get(c, _EMPTY_I)[:per_cat] for c in categories]
+        idx = np.concatenate(parts).astype(np.int64)
         if len(idx):
             ranks = np.concatenate([np.arange(len(p)) for p in parts]).astype(np.float32)
-            return Candidates("category_bestseller", idx, (1.0 - ranks / (ranks.max() + 1.0)).astype(np.float32))
-    idx = state.bestsellers[:n]
-    if len(idx) == 0:
-        return Candidates.empty("bestseller")
-    return Candidates("bestseller", idx, (1.0 - np.arange(len(idx)) / len(idx)).astype(np.float32))
+            source, score, found = "category_bestseller", (1.0 - ranks / (ranks.max() + 1.0)).astype(np.float32), True
+    if not found:
+        idx = state.bestsellers[:n].astype(np.int64)
+        score = (1.0 - np.arange(len(idx)) / len(idx)).astype(np.float32) if len(idx) else _EMPTY_F
+    if len(lists) > 4096:  # a catalog with very many category mixes: start again
+        lists.clear()
+    lists[(categories, n)] = (source, idx, score)
+    return source, idx, score
+
+
+def bestsellers(
+    state: ServingState,
+    profiles: Sequence[Profile | None],
+    contexts: Sequence[Context],
+    rows: Sequence[int],
+    n: int,
+) -> list[Candidates]:
+    """Bestsellers of each row's focus categories (source `category_bestseller`), else overall (`bestseller`)."""
+    by_source: dict[str, tuple[list[IntArray], list[IntArray], list[FloatArray]]] = {}
+    for r in rows:
+        source, idx, score = _bestseller_list(state, focus_categories(state, profiles[r], contexts[r]), n)
+        if len(idx):
+            parts = by_source.setdefault(source, ([], [], []))
+            parts[0].append(np.full(len(idx), r, dtype=np.int64))
+            parts[1].append(idx)
+            parts[2].append(score)
+    return [
+        Candidates(source, np.concatenate(r), np.concatenate(i), np.concatenate(s))
+        for source, (r, i, s) in by_source.items()
+    ]

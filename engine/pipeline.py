@@ -1,23 +1,25 @@
-"""One decision for a web placement: candidates → filters → score blend → diversity → backfill.
+"""Decisions for a placement: candidates → filters → score blend → diversity → exploration → backfill.
 
-Everything is a function of plain values (profile, context, serving state), so a test or an offline
-evaluation runs the exact pipeline the API serves.
+Everything is a function of plain values (profiles, contexts, serving state), so a test or an offline
+evaluation runs the exact pipeline the API serves. The stages up to the diversified pool run over a batch
+of requests at once (`recommend_many`: an email batch's recipients); one web request is a batch of one.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from engine import candidates as cs
 from engine import policies
-from engine.catalog import BoolArray, IntArray
+from engine.catalog import BoolArray, FloatArray, IntArray
 from engine.ids import decision_rng, new_decision_id
-from engine.rerank import blend, diversify
+from engine.rerank import blend, diversify_rows
 from engine.rules import Exploration, Greedy, Placement, ThompsonLift
 from engine.state import ServingState
 from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShadowDecision, ShownItem
@@ -40,6 +42,7 @@ REASONS_BY_MASK = tuple(
     for mask in range(1 << len(REASON_BITS))
 )
 GREEDY = Greedy()
+_EMPTY_I = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,29 +66,68 @@ def _excluded(state: ServingState, placement: Placement, profile: Profile | None
     return banned
 
 
+def _excluded_pairs(
+    state: ServingState, placement: Placement, reqs: Sequence[Request], profiles: Sequence[Profile | None]
+) -> IntArray:
+    """(row, item) pairs as row·n + item that a row must not show besides unavailable items (as `_excluded`):
+    its context, and what it bought that is not repurchasable."""
+    cat, n = state.catalog, len(state.catalog)
+    index = cat.index
+    filters = placement.filters
+    context: list[int] = []
+    bought: list[int] = []
+    for r, (req, profile) in enumerate(zip(reqs, profiles, strict=True)):
+        if filters.exclude_context and (req.context.item_id or req.context.cart):
+            context += [r * n + index[i] for i in req.context.item_ids if i in index]
+        if filters.exclude_purchased and not filters.allow_repurchase and profile is not None:
+            bought += [r * n + index[p.item_id] for p in profile.purchases if p.item_id in index]
+    purchased = np.asarray(bought, dtype=np.int64)
+    purchased = purchased[~state.repurchase_category[cat.category[purchased % n]]]
+    return np.concatenate([np.asarray(context, dtype=np.int64), purchased])
+
+
 def _gather(
     state: ServingState,
-    sources: dict[str, float],
     placement: Placement,
-    req: Request,
-    profile: Profile | None,
+    reqs: Sequence[Request],
+    profiles: Sequence[Profile | None],
+    groups: Sequence[tuple[dict[str, float], list[int]]],
     now_day: int,
 ) -> list[tuple[cs.Candidates, float]]:
+    """Every source's candidates for the rows that use it, source by source in each group's order."""
     n = placement.candidates_per_source
+    contexts = [r.context for r in reqs]
     out: list[tuple[cs.Candidates, float]] = []
-    for source, weight in sources.items():
-        if source == "als":
-            c = cs.als(state, cs.user_vector(state, req.customer_id, profile), n)
-        elif source == "buy_again":
-            c = cs.buy_again(state, profile, now_day, placement.filters.allow_repurchase, n)
-        elif source == "neighbours":
-            c = cs.context_neighbours(state, req.context, n)
-        elif source == "recent_neighbours":
-            c = cs.recent_neighbours(state, profile, n)
-        else:
-            c = cs.bestsellers(state, cs.focus_categories(state, profile, req.context), n)
-        out.append((c, weight))
+    for sources, rows in groups:
+        for source, weight in sources.items():
+            if source == "als":
+                vectors = [(r, cs.user_vector(state, reqs[r].customer_id, profiles[r])) for r in rows]
+                known = [(r, v) for r, v in vectors if v is not None]
+                if known:
+                    row = np.asarray([r for r, _ in known], dtype=np.int64)
+                    out.append((cs.als(state, row, np.stack([v for _, v in known]), n), weight))
+            elif source == "buy_again":
+                allow = placement.filters.allow_repurchase
+                out.append((cs.buy_again(state, profiles, rows, now_day, allow, n), weight))
+            elif source == "neighbours":
+                out.append((cs.context_neighbours(state, contexts, rows, n), weight))
+            elif source == "recent_neighbours":
+                out.append((cs.recent_neighbours(state, profiles, rows, n), weight))
+            else:
+                out += [(c, weight) for c in cs.bestsellers(state, profiles, contexts, rows, n)]
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Ranked:
+    """One row's diversified ranking: the pool the policy picks from and the items the cap left out."""
+
+    pool: IntArray
+    pool_scores: FloatArray  # final scores of the pool, float32
+    pool_bits: npt.NDArray[np.uint16]
+    overflow: IntArray
+    overflow_scores: FloatArray
+    overflow_bits: npt.NDArray[np.uint16]
 
 
 def recommend(
@@ -107,46 +149,145 @@ def recommend(
     ranking (seeded by the decision id, so the decision replays) and each item carries its propensity;
     `arms` holds the bandit state per placement, aligned with the catalog.
     """
-    placement = state.rules.placement(req.placement)
-    now_s = time.time() if now is None else now
-    decision_id = decision_id or new_decision_id(int(now_s * 1000))
-    spec: Exploration = placement.exploration if explore else GREEDY
-    reason = fallback_reason
-    if reason is None and state.model is None:
-        reason = "model_unavailable"
-    if reason is None and profile is None:
-        reason = "unknown_customer"
-    if reason is None and profile is not None and not profile.has_consent("personalization"):
-        reason = "no_personalization_consent"
-        profile = None  # respect the choice: nothing personal feeds this decision
-    sources: dict[str, float] = (
-        {str(k): v for k, v in placement.sources.items()} if reason is None else dict(FALLBACK_SOURCES)
+    (decision,) = recommend_many(
+        state,
+        [req],
+        [profile],
+        fallback_reasons=[fallback_reason],
+        now=now,
+        decision_ids=[decision_id] if decision_id else None,
+        explore=explore,
+        arms=arms,
     )
+    return decision
 
-    gathered = _gather(state, sources, placement, req, profile, int(now_s // SECONDS_PER_DAY))
-    n = len(state.catalog)
-    affinity = np.zeros(n, dtype=np.float32)
-    found = np.zeros(n, dtype=np.bool_)
-    source_bits = np.zeros(n, dtype=np.uint16)
-    for c, weight in gathered:
-        if len(c.idx) == 0:
+
+def recommend_many(
+    state: ServingState,
+    reqs: Sequence[Request],
+    profiles: Sequence[Profile | None],
+    *,
+    fallback_reasons: Sequence[str | None] | None = None,
+    now: float | None = None,
+    decision_ids: Sequence[str] | None = None,
+    explore: bool = True,
+    arms: Mapping[str, policies.Arms] | None = None,
+) -> list[Decision]:
+    """`recommend` for many requests of one placement at once (an email batch's recipients), one decision each.
+
+    Candidates, filters, the blend and the diversity cap run over the whole batch in flat arrays; the
+    exploration policy then picks each row's items from its own pool with its own generator. A row decides
+    what it would decide alone, except that the batch's ALS product may round a score's last bit
+    differently (see `engine.candidates`).
+    """
+    if not reqs:
+        return []
+    names = {r.placement for r in reqs}
+    if len(names) != 1:
+        raise ValueError(f"recommend_many decides for one placement at a time, got {sorted(names)}")
+    placement_name = reqs[0].placement
+    placement = state.rules.placement(placement_name)
+    now_s = time.time() if now is None else now
+    now_ms = int(now_s * 1000)
+    ids = list(decision_ids) if decision_ids is not None else [new_decision_id(now_ms) for _ in reqs]
+    spec: Exploration = placement.exploration if explore else GREEDY
+    profiles = list(profiles)
+    reasons: list[str | None] = list(fallback_reasons) if fallback_reasons is not None else [None] * len(reqs)
+    for r, profile in enumerate(profiles):
+        if reasons[r] is None and state.model is None:
+            reasons[r] = "model_unavailable"
+        if reasons[r] is None and profile is None:
+            reasons[r] = "unknown_customer"
+        if reasons[r] is None and profile is not None and not profile.has_consent("personalization"):
+            reasons[r] = "no_personalization_consent"
+            profiles[r] = None  # respect the choice: nothing personal feeds this decision
+    personal = [r for r in range(len(reqs)) if reasons[r] is None]
+    fallback = [r for r in range(len(reqs)) if reasons[r] is not None]
+    groups = [
+        (sources, rows)
+        for sources, rows in (
+            ({str(k): v for k, v in placement.sources.items()}, personal),
+            (dict(FALLBACK_SOURCES), fallback),
+        )
+        if rows
+    ]
+    ranked = _rank(state, placement_name, placement, reqs, profiles, groups, int(now_s // SECONDS_PER_DAY), spec)
+    return [
+        _decide(state, placement, reqs[r], profiles[r], reasons[r], ids[r], spec, ranked[r], explore, arms)
+        for r in range(len(reqs))
+    ]
+
+
+def _rank(
+    state: ServingState,
+    name: str,
+    placement: Placement,
+    reqs: Sequence[Request],
+    profiles: Sequence[Profile | None],
+    groups: Sequence[tuple[dict[str, float], list[int]]],
+    now_day: int,
+    spec: Exploration,
+) -> list[_Ranked]:
+    """Each row's pool and overflow: gathered candidates, their affinity, filters, the blend, the cap."""
+    n_rows, m = len(reqs), len(state.catalog)
+    # Row × catalog arrays: each (row, item)'s affinity adds its sources' weighted scores in source order.
+    affinity = np.zeros(n_rows * m, dtype=np.float32)
+    found = np.zeros(n_rows * m, dtype=np.bool_)
+    source_bits = np.zeros(n_rows * m, dtype=np.uint16)
+    for c, weight in _gather(state, placement, reqs, profiles, groups, now_day):
+        if len(c) == 0:
             continue
-        np.add.at(affinity, c.idx, weight * c.score)
-        found[c.idx] = True
-        source_bits[c.idx] |= np.uint16(1 << REASON_BITS.index(c.source))
+        cells = c.row * m + c.idx
+        np.add.at(affinity, cells, weight * c.score)
+        found[cells] = True
+        source_bits[cells] |= np.uint16(1 << REASON_BITS.index(c.source))
+    peak = affinity.reshape(n_rows, m).max(axis=1) if m else np.zeros(n_rows, dtype=np.float32)
+    cells = found.nonzero()[0]
+    rows, items = cells // m, cells % m
+    banned = ~state.available[items]
+    excluded = _excluded_pairs(state, placement, reqs, profiles)
+    if len(excluded) and len(cells):
+        at = np.minimum(np.searchsorted(cells, excluded), len(cells) - 1)
+        banned[at[cells[at] == excluded]] = True
+    keep = cells[~banned]
+    rows, items = keep // m, keep % m
+    final = blend(state, name, rows, items, affinity[keep], peak, placement.rerank)
+    source_bits = source_bits[keep]
+    limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
+    cap, need = placement.rerank.max_per_category, np.maximum(spec.pool, limits)
+    pool_at, over_at = diversify_rows(rows, final, state.catalog.category[items], cap, need, limits, n_rows)
+    pool_bounds = cs.row_starts(rows[pool_at], n_rows)
+    over_bounds = cs.row_starts(rows[over_at], n_rows)
+    out = []
+    for r in range(n_rows):
+        p = pool_at[pool_bounds[r] : pool_bounds[r + 1]]
+        o = over_at[over_bounds[r] : over_bounds[r + 1]]
+        out.append(_Ranked(items[p], final[p], source_bits[p], items[o], final[o], source_bits[o]))
+    return out
 
-    banned = _excluded(state, placement, profile, req.context)
-    final, margin_term = blend(state, req.placement, affinity, placement.rerank)
-    candidates = found & ~banned
-    cap = placement.rerank.max_per_category
-    pool_size = max(spec.pool, req.limit)
-    pool, overflow = diversify(final, candidates, state.catalog.category, cap, pool_size, req.limit)
+
+def _decide(
+    state: ServingState,
+    placement: Placement,
+    req: Request,
+    profile: Profile | None,
+    reason: str | None,
+    decision_id: str,
+    spec: Exploration,
+    ranked: _Ranked,
+    explore: bool,
+    arms: Mapping[str, policies.Arms] | None,
+) -> Decision:
+    """One row's decision from its ranking: the policy's picks with their propensities, then backfill."""
+    pool = ranked.pool
     # The policy picks the shown items from the diversified head (any subset keeps the category cap).
-    pool_scores = final[pool].astype(np.float64)
+    pool_scores = ranked.pool_scores.astype(np.float64)
     pool_arms = _pool_arms(arms, req.placement, pool)
     rng = decision_rng(decision_id)
     selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
     chosen = pool[selection.order]
+    chosen_scores = ranked.pool_scores[selection.order]
+    chosen_bits = ranked.pool_bits[selection.order]
     propensity = selection.propensities
     lift = _lift_spec(spec, placement.shadow if explore else None)
     expected = policies.expected_rates(lift, pool_scores)[selection.order].round(6).tolist() if lift else []
@@ -155,23 +296,30 @@ def recommend(
         # The shadow draws from the same generator only after the live choice is made: it never shifts
         # what is shown, and the whole decision still replays from its id.
         shadow = _shadow(placement.shadow, state, pool, pool_scores, selection.order, req.limit, rng, pool_arms)
-    filled: IntArray = np.empty(0, dtype=np.int64)
+    filled: IntArray = _EMPTY_I
     if len(chosen) < req.limit:
         # Never short: first relax diversity, then take bestsellers, then anything in stock.
-        extra = overflow[: req.limit - len(chosen)]
-        chosen = np.concatenate([chosen, extra])
+        k = req.limit - len(chosen)
+        chosen = np.concatenate([chosen, ranked.overflow[:k]])
+        chosen_scores = np.concatenate([chosen_scores, ranked.overflow_scores[:k]])
+        chosen_bits = np.concatenate([chosen_bits, ranked.overflow_bits[:k]])
     if len(chosen) < req.limit:
-        taken = np.zeros(n, dtype=np.bool_)
+        banned = _excluded(state, placement, profile, req.context)
+        taken = np.zeros(len(state.catalog), dtype=np.bool_)
         taken[chosen] = True
-        pool = np.concatenate([state.bestsellers, np.argsort(-state.catalog.popularity, kind="stable")])
-        pool = pool[~banned[pool] & ~taken[pool]]
-        _, first = np.unique(pool, return_index=True)
-        filled = pool[np.sort(first)][: req.limit - len(chosen)]
+        fill = np.concatenate([state.bestsellers, np.argsort(-state.catalog.popularity, kind="stable")])
+        fill = fill[~banned[fill] & ~taken[fill]]
+        _, first = np.unique(fill, return_index=True)
+        filled = fill[np.sort(first)][: req.limit - len(chosen)]
+        # Everything the row gathered is shown by now, so a filled item's affinity is 0: its score is its value.
+        value, _ = state.value_terms[req.placement]
         chosen = np.concatenate([chosen, filled])
+        chosen_scores = np.concatenate([chosen_scores, value[filled]])
+        chosen_bits = np.concatenate([chosen_bits, np.zeros(len(filled), dtype=np.uint16)])
 
-    reasons = _reasons(chosen, source_bits, margin_term, final, filled)
+    reasons = _reasons(state, req.placement, chosen, chosen_bits, chosen_scores, filled)
     ids = state.catalog.item_ids
-    scores = final[chosen].astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
+    scores = chosen_scores.astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
     # Backfilled items are deterministic once the pool is used up: probability 1.
     props = propensity.tolist() + [1.0] * (len(chosen) - len(propensity))
     items = tuple(
@@ -238,18 +386,19 @@ def _shadow(
 
 
 def _reasons(
+    state: ServingState,
+    placement: str,
     chosen: IntArray,
-    source_bits: np.ndarray,  # type: ignore[type-arg]
-    margin_term: np.ndarray,  # type: ignore[type-arg]
-    final: np.ndarray,  # type: ignore[type-arg]
+    bits: npt.NDArray[np.uint16],
+    final: FloatArray,
     filled: IntArray,
 ) -> list[tuple[str, ...]]:
-    bits = source_bits[chosen].tolist()
-    m, f = margin_term[chosen], final[chosen]
-    boosted = ((f > 0) & (m >= 0.1 * f) & (m > 0.05)).tolist()
-    was_filled = np.isin(chosen, filled).tolist() if len(filled) else [False] * len(bits)
+    _, margin_term = state.value_terms[placement]
+    m = margin_term[chosen]
+    boosted = ((final > 0) & (m >= 0.1 * final) & (m > 0.05)).tolist()
+    was_filled = np.isin(chosen, filled).tolist() if len(filled) else [False] * len(chosen)
     out = []
-    for b, boost, fill in zip(bits, boosted, was_filled, strict=True):
+    for b, boost, fill in zip(bits.tolist(), boosted, was_filled, strict=True):
         r = REASONS_BY_MASK[b] + (("fill",) if fill else ()) + (("margin_boost",) if boost else ())
         out.append(r or ("fill",))
     return out

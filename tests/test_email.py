@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import os
 import shutil
 import socket
@@ -429,19 +430,19 @@ def test_a_batch_decides_here_the_chunks_of_a_peer_that_is_gone_or_answers_garba
 
 def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, monkeypatch):
     """A chunk's decisions are CPU work: the worker's other requests, and the Redis replies of the chunk
-    before, get the loop every few recipients (a chunk holding it for its whole decision made those replies
-    late enough to time out and turn recipients into fallbacks)."""
-    from api.email import YIELD_EVERY, SlotsRequest
+    before, get the loop between groups of recipients decided together (a chunk holding it for its whole
+    decision made those replies late enough to time out and turn recipients into fallbacks)."""
+    from api.email import DECIDE_TOGETHER, SlotsRequest
 
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    reqs = [SlotsRequest("yield", c, "email:weekly", 4) for c in _buyers(shop, 40)]
+    reqs = [SlotsRequest("yield", c, "email:weekly", 4) for c in _buyers(shop, 3 * DECIDE_TOGETHER + 5)]
     ticks = [0]
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []  # (loop ticks so far, recipients in the group)
     decide = runtime.email._recommend
 
-    def observed(*args: Any, **kwargs: Any) -> Any:
-        seen.append(ticks[0])
-        return decide(*args, **kwargs)
+    def observed(state: Any, group: list[Any], reads: list[Any]) -> Any:
+        seen.append((ticks[0], len(group)))
+        return decide(state, group, reads)
 
     monkeypatch.setattr(runtime.email, "_recommend", observed)
 
@@ -462,8 +463,8 @@ def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, 
 
     answers = client.portal.call(run)  # type: ignore[union-attr]
     assert [a.source for a in answers] == ["decided"] * len(reqs)
-    assert len(seen) == len(reqs)
-    assert all(seen[k + YIELD_EVERY] > seen[k] for k in range(len(seen) - YIELD_EVERY)), seen
+    assert [n for _, n in seen] == [DECIDE_TOGETHER] * 3 + [5]
+    assert all(later > earlier for (earlier, _), (later, _) in itertools.pairwise(seen)), seen
 
 
 def test_a_bad_batch_body_is_422_and_stores_nothing(client, redis_url, keys):

@@ -219,3 +219,80 @@ def test_a_decision_replays_exactly_from_its_id_and_greedy_is_the_ranking(state,
     assert greedy.policy == "greedy" and all(i.propensity == 1.0 for i in greedy.items) and greedy.shadow is None
     scores = [i.score for i in greedy.items]
     assert scores == sorted(scores, reverse=True) or any("fill" in i.reasons for i in greedy.items)
+
+
+def _mixed_batch(state, model, shop_dir, placement: str, limit: int):  # type: ignore[no-untyped-def]
+    """Requests and profiles of every kind a batch meets: known customers, folded-in newcomers, unknown
+    recipients, no personalisation consent, a store failure; with contexts where the placement reads them."""
+    from tests.conftest import _files_state, _load_input
+
+    profiles, _ = _load_input(shop_dir.resolve(), _files_state(shop_dir))
+    ids = state.catalog.item_ids
+    reqs: list[Request] = []
+    profs: list[Profile | None] = []
+    reasons: list[str | None] = []
+    for k, p in enumerate(profiles[:120]):
+        profile: Profile | None = p
+        cid, reason = p.customer_id, None
+        if k % 7 == 1:
+            cid, profile = f"new-{k}", replace(p, customer_id=f"new-{k}")  # not in the model: folded in
+        elif k % 7 == 2:
+            profile = None
+        elif k % 7 == 3:
+            profile = replace(p, consents=frozenset({"email"}))
+        elif k % 7 == 4:
+            reason = "redis_unavailable"
+        context = Context()
+        if placement == "pdp":
+            context = Context(item_id=ids[(k * 37) % len(ids)])
+        elif placement == "cart":
+            context = Context(cart=tuple(ids[(k * j * 13) % len(ids)] for j in (1, 2, 3)))
+        reqs.append(Request(cid, placement, limit, context))
+        profs.append(profile)
+        reasons.append(reason)
+    return reqs, profs, reasons
+
+
+@pytest.mark.parametrize(("placement", "limit"), [("email:weekly", 4), ("home", 10), ("pdp", 8), ("cart", 6)])
+def test_a_batch_decides_for_each_request_what_it_would_decide_alone(state, model, shop_dir, placement, limit):
+    """recommend_many runs the stages over the whole batch; each row still gets its own decision: the same
+    items, reasons and policy as `recommend` for that request alone, the scores and propensities equal up to
+    the float32 rounding of the batch's ALS matrix product."""
+    from engine.ids import new_decision_id
+    from engine.pipeline import recommend_many
+
+    cat = state.catalog
+    sold_out = replace(cat, stock=np.where(np.arange(len(cat)) % 9 == 0, 0, cat.stock))
+    s2 = build_state(sold_out, model, state.rules)
+    reqs, profs, reasons = _mixed_batch(s2, model, shop_dir, placement, limit)
+    ids = [new_decision_id(int(NOW * 1000)) for _ in reqs]
+    batch = recommend_many(s2, reqs, profs, fallback_reasons=reasons, now=NOW, decision_ids=ids)
+    assert {d.fallback_reason for d in batch} >= {None, "unknown_customer", "no_personalization_consent"}
+    for req, profile, reason, did, together in zip(reqs, profs, reasons, ids, batch, strict=True):
+        alone = recommend(s2, req, profile, fallback_reason=reason, now=NOW, decision_id=did)
+        assert [i.item_id for i in together.items] == [i.item_id for i in alone.items]
+        assert [i.reasons for i in together.items] == [i.reasons for i in alone.items]
+        assert np.allclose([i.score for i in together.items], [i.score for i in alone.items], atol=1e-4)
+        assert np.allclose([i.propensity for i in together.items], [i.propensity for i in alone.items], rtol=1e-4)
+        assert replace(together, items=(), shadow=None, expected_clicks=()) == replace(
+            alone, items=(), shadow=None, expected_clicks=()
+        )
+        assert not any(s2.catalog.stock[s2.catalog.index[i.item_id]] == 0 for i in together.items)
+
+
+def test_a_batch_of_one_is_the_single_decision_bit_for_bit(state, model, shop_dir):
+    from engine.ids import new_decision_id
+    from engine.pipeline import recommend_many
+
+    reqs, profs, reasons = _mixed_batch(state, model, shop_dir, "home", 10)
+    for req, profile, reason in zip(reqs[:20], profs[:20], reasons[:20], strict=True):
+        did = new_decision_id(int(NOW * 1000))
+        (one,) = recommend_many(state, [req], [profile], fallback_reasons=[reason], now=NOW, decision_ids=[did])
+        assert one == recommend(state, req, profile, fallback_reason=reason, now=NOW, decision_id=did)
+
+
+def test_a_batch_is_one_placement(state):
+    from engine.pipeline import recommend_many
+
+    with pytest.raises(ValueError, match="one placement at a time"):
+        recommend_many(state, [Request("a", "home", 4), Request("b", "pdp", 4)], [None, None])

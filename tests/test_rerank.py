@@ -67,3 +67,30 @@ def test_decision_seed_reads_crockford_base32_and_refuses_anything_else():
     for bad in ("01KAQ3TV0X8B6D6M0R8N6C3Y7I", "01kaq3", "01KAQ 3", "٣٣"):
         with pytest.raises(ValueError, match="not Crockford base32"):
             decision_seed(bad)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    cap=st.integers(1, 3),
+    need=st.integers(0, 12),
+    spare=st.integers(0, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_many_rows_are_diversified_each_as_alone(sizes, cap, need, spare, seed):
+    """One sort for every row, then each row's walk: the same as each row diversified on its own."""
+    from engine.rerank import diversify_rows
+
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)
+    scores = (rng.integers(0, 4, len(rows)) / 3).astype(np.float32)  # many ties, inside rows and across them
+    categories = rng.integers(0, 4, len(rows))
+    needs = np.full(len(sizes), need, dtype=np.int64)
+    spares = np.full(len(sizes), spare, dtype=np.int64)
+    within, beyond = diversify_rows(rows, scores, categories, cap, needs, spares, len(sizes))
+    for r in range(len(sizes)):
+        mine = np.flatnonzero(rows == r)
+        everything = np.ones(len(mine), dtype=bool)
+        alone_within, alone_beyond = diversify(scores[mine], everything, categories[mine], cap, need, spare)
+        assert within[rows[within] == r].tolist() == mine[alone_within].tolist()
+        assert beyond[rows[beyond] == r].tolist() == mine[alone_beyond].tolist()
