@@ -83,9 +83,29 @@ def best_first(rows: IntArray, scores: FloatArray, n: int | IntArray) -> IntArra
     if len(rows) == 0 or rows[0] == rows[-1]:  # one row: a plain sort is cheaper than building keys
         order = np.argsort(-scores, kind="stable")
         return order[:n] if isinstance(n, int) else order[: int(n[rows[0]])] if len(rows) else order
-    order = np.argsort(descending_key(rows, scores), kind="stable")
+    order = _by_row_then_score(rows, scores)
     keep = rank_in_row(rows[order]) < (n if isinstance(n, int) else n[rows[order]])
     return order[keep]
+
+
+def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
+    """Positions of the entries (grouped by row) sorted by row, then score descending, ties in entry order.
+
+    Row, score and position packed into one uint64 make every key distinct, so sorting the keys themselves
+    (a SIMD sort, about four times faster than a stable argsort) gives the stable order.
+    """
+    n = len(rows)
+    index_bits = max(n - 1, 1).bit_length()
+    row_bits = int(rows[-1] - rows[0]).bit_length()
+    if row_bits + 32 + index_bits > 64:
+        return np.argsort(descending_key(rows, scores), kind="stable")
+    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+    ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+    key = ((rows - rows[0]).astype(np.uint64) << np.uint64(32 + index_bits)) | (
+        (~ascending).astype(np.uint64) << np.uint64(index_bits)
+    )
+    key |= np.arange(n, dtype=np.uint64)
+    return (np.sort(key) & np.uint64((1 << index_bits) - 1)).astype(np.int64)
 
 
 def user_vector(state: ServingState, customer_id: str, profile: Profile | None) -> FloatArray | None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.candidates import best_first, row_starts
+from engine.candidates import best_first, rank_in_row, row_first
 from engine.catalog import BoolArray, FloatArray, IntArray
 from engine.rules import Rerank
 from engine.state import ServingState
 
-_WALK_SLICE = 48  # ranked entries a diversity walk converts to Python at a time
+_WALK_SLICE = 48  # ranked entries a single row's walk converts to Python at a time
 
 
 def blend(
@@ -52,36 +52,59 @@ def diversify_rows(
     cap left out while walking the ranking to that point.
 
     Entries are grouped by row, in tie-break order within a row (ties go to the earlier entry). Returns
-    positions into the entries, grouped by row and best first: (within the cap, beyond it). All rows are
-    ranked in one sort; each is then walked in plain Python, a slice at a time, until `need` are taken:
-    the walk stops after a few dozen entries where a vectorised cap would have to rank every candidate.
+    positions into the entries, grouped by row and best first: (within the cap, beyond it). The walk is
+    computed, not stepped: an entry is within the cap when fewer than `max_per_category` of its category
+    rank above it in its row, and the walk stops after the need-th such entry.
     """
     order = best_first(rows, scores, len(rows))
-    bounds = row_starts(rows[order], n_rows)
+    if n_rows == 1:
+        return _walk(order, categories[order], max_per_category, int(need[0]), int(spare[0]))
+    r, c = rows[order], categories[order]
+    # How many of the same category rank above each entry: a stable sort by (row, category), radix on 16 bits.
+    n_cat = int(c.max(initial=0)) + 1
+    group = r * n_cat + c
+    if n_rows * n_cat <= 1 << 16:
+        group = group.astype(np.uint16)
+    by_group = np.argsort(group, kind="stable")
+    above = np.empty(len(order), dtype=np.int64)
+    above[by_group] = rank_in_row(group[by_group])
+    within = above < max_per_category
+    # The walk stops right after the need-th entry within the cap: later entries are never looked at.
+    taken = _running_count(r, within)
+    want = need[r]
+    looked_at = taken - within < want
+    pool = within & looked_at
+    left_out = ~within & looked_at
+    left_out &= _running_count(r, left_out) <= spare[r]
+    return order[pool], order[left_out]
+
+
+def _walk(order: IntArray, categories: IntArray, cap: int, need: int, spare: int) -> tuple[IntArray, IntArray]:
+    """One row's walk, stepped in plain Python: for a single request it stops after a few dozen entries,
+    cheaper than computing every entry's place (the vectorised walk pays off from a few rows up)."""
+    counts: dict[int, int] = {}
     within: list[int] = []
     beyond: list[int] = []
-    for r in range(n_rows):
-        want, extra = int(need[r]), int(spare[r])
-        if want <= 0:
-            continue
-        counts: dict[int, int] = {}
-        taken = 0
-        start, end = int(bounds[r]), int(bounds[r + 1])
-        while start < end and taken < want:
-            part = order[start : min(start + _WALK_SLICE, end)]
-            start += _WALK_SLICE
-            for entry, cat in zip(part.tolist(), categories[part].tolist(), strict=True):
+    if need > 0:
+        for start in range(0, len(order), _WALK_SLICE):
+            part = order[start : start + _WALK_SLICE]
+            for entry, cat in zip(part.tolist(), categories[start : start + _WALK_SLICE].tolist(), strict=True):
                 seen = counts.get(cat, 0)
-                if seen < max_per_category:
+                if seen < cap:
                     counts[cat] = seen + 1
                     within.append(entry)
-                    taken += 1
-                    if taken == want:
-                        break
-                elif extra > 0:
+                    if len(within) == need:
+                        return np.asarray(within, dtype=np.int64), np.asarray(beyond, dtype=np.int64)
+                elif len(beyond) < spare:
                     beyond.append(entry)
-                    extra -= 1
     return np.asarray(within, dtype=np.int64), np.asarray(beyond, dtype=np.int64)
+
+
+def _running_count(rows: IntArray, flags: BoolArray) -> IntArray:
+    """Per entry, how many flagged entries its row has up to and including it (entries grouped by row)."""
+    total = np.cumsum(flags, dtype=np.int64)
+    counts: IntArray = total - (total - flags)[row_first(rows)]
+    return counts
 
 
 def diversify(
