@@ -12,7 +12,6 @@ skipped in this order.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -50,10 +49,9 @@ def _context_kind(context: Context) -> str:
     return "item" if context.item_id else "none"
 
 
-def _refusal(
-    offer: Offer, settings: OfferSettings, customer: Customer, channel: str, today: dt.date, propensity: float
-) -> str | None:
-    """Why the offer cannot be shown, or None: every hard filter, in a fixed order."""
+def _refusal(offer: Offer, settings: OfferSettings, customer: Customer, channel: str, today: dt.date) -> str | None:
+    """Why the offer cannot be shown to this kind of customer, or None: every hard filter but the minimum
+    propensity, in a fixed order."""
     el = offer.eligibility
     if not offer.enabled:
         return "disabled (kill switch)"
@@ -74,9 +72,36 @@ def _refusal(
     for purpose in filter(None, needed):
         if customer.consents is None or purpose not in customer.consents:
             return f"no {purpose} consent"
-    if propensity < el.min_propensity:
-        return f"propensity {propensity:.3f} below {el.min_propensity:g}"
     return None
+
+
+_Kind = tuple[str, dt.date, str | None, str | None, frozenset[str] | None]
+
+
+class _Refusals:
+    """Each offer's hard-filter refusal per kind of customer (channel, day, segment, country, consents): a
+    batch meets a few hundred kinds, so the filters run once per kind, not once per recipient and offer."""
+
+    def __init__(self) -> None:
+        self._rules: tuple[Mapping[str, Offer], OfferSettings] | None = None
+        self._by_kind: dict[_Kind, dict[str, str | None]] = {}
+
+    def of(
+        self, offers: Mapping[str, Offer], settings: OfferSettings, customer: Customer, channel: str, today: dt.date
+    ) -> dict[str, str | None]:
+        rules = self._rules
+        if rules is None or rules[0] is not offers or rules[1] is not settings or len(self._by_kind) > 4096:
+            self._rules, self._by_kind = (offers, settings), {}
+        kind = (channel, today, customer.segment, customer.country, customer.consents)
+        found = self._by_kind.get(kind)
+        if found is None:
+            found = self._by_kind[kind] = {
+                oid: _refusal(offer, settings, customer, channel, today) for oid, offer in offers.items()
+            }
+        return found
+
+
+_REFUSALS = _Refusals()
 
 
 def referenced_models(offers: Mapping[str, Offer]) -> frozenset[str]:
@@ -89,12 +114,8 @@ def models_to_score(
 ) -> frozenset[str]:
     """The models of the offers that pass every hard filter but the minimum propensity: the only ones whose
     scores can change this customer's answer (a model costs the request one ONNX run)."""
-    today = now.astimezone(dt.UTC).date()
-    return frozenset(
-        offer.propensity_model
-        for offer in offers.values()
-        if _refusal(offer, settings, customer, channel, today, math.inf) is None
-    )
+    refusals = _REFUSALS.of(offers, settings, customer, channel, now.astimezone(dt.UTC).date())
+    return frozenset(offer.propensity_model for oid, offer in offers.items() if refusals[oid] is None)
 
 
 def _value(offer: Offer, catalog: CatalogState | None) -> float | None:
@@ -118,7 +139,7 @@ def arbitrate(
     catalog: CatalogState | None = None,
 ) -> tuple[list[RankedOffer], dict[str, str]]:
     """Eligible offers in the order they should be shown, and the reason for every one left out."""
-    today = now.astimezone(dt.UTC).date()
+    refusals = _REFUSALS.of(offers, settings, customer, channel, now.astimezone(dt.UTC).date())
     kind = _context_kind(context)
     ranked: list[RankedOffer] = []
     refused: dict[str, str] = {}
@@ -126,7 +147,9 @@ def arbitrate(
         model = offer.propensity_model
         scored = model in customer.propensities
         propensity = customer.propensities[model] if scored else settings.default_propensity
-        reason = _refusal(offer, settings, customer, channel, today, propensity)
+        reason = refusals[offer_id]
+        if reason is None and propensity < offer.eligibility.min_propensity:
+            reason = f"propensity {propensity:.3f} below {offer.eligibility.min_propensity:g}"
         value = _value(offer, catalog)
         if reason is None and value is None:
             reason = f"value: item {offer.value.margin_of} not in the catalog"
