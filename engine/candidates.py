@@ -66,6 +66,16 @@ def row_first(rows: IntArray) -> IntArray:
     return np.maximum.accumulate(first)
 
 
+def split_cells(cells: IntArray, n_rows: int, m: int) -> tuple[IntArray, IntArray]:
+    """(row, column) of ascending positions in a row-major n_rows × m array: integer division is slow in
+    numpy (no SIMD), so each row's run is found by a binary search instead."""
+    if n_rows == 1:
+        return np.zeros(len(cells), dtype=np.int64), cells
+    starts = np.searchsorted(cells, np.arange(n_rows, dtype=np.int64) * m)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(np.append(starts, len(cells))))
+    return rows, cells - rows * m
+
+
 def rank_in_row(rows: IntArray) -> IntArray:
     """Each entry's position within its row, for an array grouped by row."""
     return np.arange(len(rows)) - row_first(rows)
@@ -182,7 +192,8 @@ def _top_cells(scores: FloatArray, n: int) -> tuple[IntArray, IntArray, FloatArr
     if short.any():
         kept[short] = scores[short] >= _TINY
     cells = np.flatnonzero(kept)
-    return cells // m, cells % m, scores.ravel()[cells]
+    rows, columns = split_cells(cells, len(scores), m)
+    return rows, columns, scores.ravel()[cells]
 
 
 def _top_cells_of_one(scores: FloatArray, n: int) -> tuple[IntArray, IntArray, FloatArray]:
@@ -225,7 +236,8 @@ def neighbours(
     best = np.zeros(n_rows * m, dtype=np.float32)
     np.maximum.at(best, flat_cell, flat_sim[keep].astype(np.float32, copy=False))
     cells = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
-    row, idx, score = cells // m, cells % m, best[cells]
+    row, idx = split_cells(cells, n_rows, m)
+    score = best[cells]
     top = best_first(row, score, n)
     row, idx, score = row[top], idx[top], score[top]
     return Candidates(source, row, idx, _scaled_by_row_best(row, score))

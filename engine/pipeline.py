@@ -243,16 +243,16 @@ def _rank(
         source_bits[cells] |= np.uint16(1 << REASON_BITS.index(c.source))
     peak = affinity.reshape(n_rows, m).max(axis=1) if m else np.zeros(n_rows, dtype=np.float32)
     cells = found.nonzero()[0]
-    rows, items = cells // m, cells % m
+    rows, items = cs.split_cells(cells, n_rows, m)
     banned = ~state.available[items]
     excluded = _excluded_pairs(state, placement, reqs, profiles)
     if len(excluded) and len(cells):
         at = np.minimum(np.searchsorted(cells, excluded), len(cells) - 1)
         banned[at[cells[at] == excluded]] = True
-    keep = cells[~banned]
-    rows, items = keep // m, keep % m
-    final = blend(state, name, rows, items, affinity[keep], peak, placement.rerank)
-    source_bits = source_bits[keep]
+    keep = ~banned
+    cells, rows, items = cells[keep], rows[keep], items[keep]
+    final = blend(state, name, rows, items, affinity[cells], peak, placement.rerank)
+    source_bits = source_bits[cells]
     limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
     cap, need = placement.rerank.max_per_category, np.maximum(spec.pool, limits)
     pool_at, over_at = diversify_rows(rows, final, state.catalog.category[items], cap, need, limits, n_rows)
