@@ -256,6 +256,17 @@ def _rank(
     limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
     cap, need = placement.rerank.max_per_category, np.maximum(spec.pool, limits)
     pool_at, over_at = diversify_rows(rows, final, state.catalog.category[items], cap, need, limits, n_rows)
+    if n_rows == 1:
+        return [
+            _Ranked(
+                items[pool_at],
+                final[pool_at],
+                source_bits[pool_at],
+                items[over_at],
+                final[over_at],
+                source_bits[over_at],
+            )
+        ]
     pool_bounds = cs.row_starts(rows[pool_at], n_rows)
     over_bounds = cs.row_starts(rows[over_at], n_rows)
     out = []
