@@ -212,7 +212,9 @@ def _top_cells_of_one(scores: FloatArray, n: int) -> tuple[IntArray, IntArray, F
 
 def _scaled_by_row_best(rows: IntArray, score: FloatArray) -> FloatArray:
     """Scores divided by their row's first (best) score, in float32."""
-    return (score / score[row_first(rows)]).astype(np.float32)
+    best = score[0] if len(rows) and rows[0] == rows[-1] else score[row_first(rows)]
+    scaled: FloatArray = (score / best).astype(np.float32)
+    return scaled
 
 
 def neighbours(
@@ -229,7 +231,7 @@ def neighbours(
     sim = state.neighbours_sim[seeds] * seed_weights[:, None]
     flat_idx, flat_sim = nb.ravel(), sim.ravel()
     keep = (flat_idx >= 0) & (flat_sim > 0)
-    flat_cell = (np.repeat(rows, nb.shape[1]) * m + flat_idx)[keep]
+    flat_cell = (flat_idx if n_rows == 1 else np.repeat(rows, nb.shape[1]) * m + flat_idx)[keep]
     if len(flat_cell) == 0:
         return Candidates.empty(source)
     # Each (row, item)'s best weighted similarity, in a row × catalog array.

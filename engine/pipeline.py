@@ -237,20 +237,24 @@ def _rank(
     for c, weight in _gather(state, placement, reqs, profiles, groups, now_day):
         if len(c) == 0:
             continue
-        cells = c.row * m + c.idx
+        cells = c.idx if n_rows == 1 else c.row * m + c.idx
         np.add.at(affinity, cells, weight * c.score)
         found[cells] = True
         source_bits[cells] |= np.uint16(1 << REASON_BITS.index(c.source))
     peak = affinity.reshape(n_rows, m).max(axis=1) if m else np.zeros(n_rows, dtype=np.float32)
-    cells = found.nonzero()[0]
-    rows, items = cs.split_cells(cells, n_rows, m)
-    banned = ~state.available[items]
-    excluded = _excluded_pairs(state, placement, reqs, profiles)
-    if len(excluded) and len(cells):
-        at = np.minimum(np.searchsorted(cells, excluded), len(cells) - 1)
-        banned[at[cells[at] == excluded]] = True
-    keep = ~banned
-    cells, rows, items = cells[keep], rows[keep], items[keep]
+    if n_rows == 1:  # one request: its exclusions as a catalog mask cost fewer numpy calls
+        cells = (found & ~_excluded(state, placement, profiles[0], reqs[0].context)).nonzero()[0]
+        rows, items = np.zeros(len(cells), dtype=np.int64), cells
+    else:
+        cells = found.nonzero()[0]
+        rows, items = cs.split_cells(cells, n_rows, m)
+        banned = ~state.available[items]
+        excluded = _excluded_pairs(state, placement, reqs, profiles)
+        if len(excluded) and len(cells):
+            at = np.minimum(np.searchsorted(cells, excluded), len(cells) - 1)
+            banned[at[cells[at] == excluded]] = True
+        keep = ~banned
+        cells, rows, items = cells[keep], rows[keep], items[keep]
     final = blend(state, name, rows, items, affinity[cells], peak, placement.rerank)
     source_bits = source_bits[cells]
     limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
