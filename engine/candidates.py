@@ -52,6 +52,8 @@ class Candidates:
 
 def row_starts(rows: IntArray, n_rows: int) -> IntArray:
     """Where each row begins in an array grouped by row (n_rows + 1 boundaries)."""
+    if n_rows == 1:
+        return np.array([0, len(rows)], dtype=np.int64)
     return np.searchsorted(rows, np.arange(n_rows + 1)).astype(np.int64)
 
 
@@ -81,21 +83,12 @@ def rank_in_row(rows: IntArray) -> IntArray:
     return np.arange(len(rows)) - row_first(rows)
 
 
-def descending_key(rows: IntArray, scores: FloatArray) -> np.ndarray:  # type: ignore[type-arg]
-    """A uint64 per entry that sorts by row, then by float32 score descending (-0.0 equal to 0.0)."""
-    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)
-    ascending = np.where(bits >> np.uint64(31), ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
-    return (rows.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - ascending)
-
-
-def best_first(rows: IntArray, scores: FloatArray, n: int | IntArray) -> IntArray:
+def best_first(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
     """Entries (grouped by row, in tie-break order within a row) ordered best first per row, the first n kept."""
     if len(rows) == 0 or rows[0] == rows[-1]:  # one row: a plain sort is cheaper than building keys
-        order = np.argsort(-scores, kind="stable")
-        return order[:n] if isinstance(n, int) else order[: int(n[rows[0]])] if len(rows) else order
+        return np.argsort(-scores, kind="stable")[:n]
     order = _by_row_then_score(rows, scores)
-    keep = rank_in_row(rows[order]) < (n if isinstance(n, int) else n[rows[order]])
-    return order[keep]
+    return order[rank_in_row(rows[order]) < n]
 
 
 def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
@@ -107,8 +100,8 @@ def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
     n = len(rows)
     index_bits = max(n - 1, 1).bit_length()
     row_bits = int(rows[-1] - rows[0]).bit_length()
-    if row_bits + 32 + index_bits > 64:
-        return np.argsort(descending_key(rows, scores), kind="stable")
+    if row_bits + 32 + index_bits > 64:  # too many entries to pack: two stable sorts instead
+        return np.lexsort((-scores, rows)).astype(np.int64)
     bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
     ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
     key = ((rows - rows[0]).astype(np.uint64) << np.uint64(32 + index_bits)) | (

@@ -53,37 +53,33 @@ class Request:
     context: Context = field(default_factory=Context)
 
 
-def _excluded(state: ServingState, placement: Placement, profile: Profile | None, context: Context) -> BoolArray:
-    """Items that must not be shown: unavailable, in the context, or bought and not repurchasable."""
-    cat = state.catalog
-    banned = ~state.available
-    if placement.filters.exclude_context and (context.item_id or context.cart):
-        banned[cat.indices(context.item_ids)] = True
-    if placement.filters.exclude_purchased and not placement.filters.allow_repurchase and profile is not None:
-        bought = cat.indices([p.item_id for p in profile.purchases])
-        if len(bought):
-            banned[bought[~state.repurchase_category[cat.category[bought]]]] = True
-    return banned
-
-
-def _excluded_pairs(
+def _excluded(
     state: ServingState, placement: Placement, reqs: Sequence[Request], profiles: Sequence[Profile | None]
-) -> IntArray:
-    """(row, item) pairs as row·n + item that a row must not show besides unavailable items (as `_excluded`):
-    its context, and what it bought that is not repurchasable."""
+) -> BoolArray:
+    """Per row × catalog cell, whether the row must not show the item: unavailable, in the row's context, or
+    bought by the row's customer and not repurchasable."""
     cat, n = state.catalog, len(state.catalog)
     index = cat.index
     filters = placement.filters
     context: list[int] = []
+    bought_rows: list[int] = []
     bought: list[int] = []
     for r, (req, profile) in enumerate(zip(reqs, profiles, strict=True)):
         if filters.exclude_context and (req.context.item_id or req.context.cart):
             context += [r * n + index[i] for i in req.context.item_ids if i in index]
         if filters.exclude_purchased and not filters.allow_repurchase and profile is not None:
-            bought += [r * n + index[p.item_id] for p in profile.purchases if p.item_id in index]
-    purchased = np.asarray(bought, dtype=np.int64)
-    purchased = purchased[~state.repurchase_category[cat.category[purchased % n]]]
-    return np.concatenate([np.asarray(context, dtype=np.int64), purchased])
+            items = [index[p.item_id] for p in profile.purchases if p.item_id in index]
+            bought += items
+            bought_rows += [r] * len(items)
+    banned = np.empty(len(reqs) * n, dtype=np.bool_)
+    np.logical_not(state.available, out=banned.reshape(len(reqs), n))  # every row starts with the unavailable
+    if context:
+        banned[np.asarray(context, dtype=np.int64)] = True
+    if bought:
+        items_a = np.asarray(bought, dtype=np.int64)
+        durable = ~state.repurchase_category[cat.category[items_a]]
+        banned[(np.asarray(bought_rows, dtype=np.int64) * n + items_a)[durable]] = True
+    return banned
 
 
 def _gather(
@@ -242,35 +238,13 @@ def _rank(
         found[cells] = True
         source_bits[cells] |= np.uint16(1 << REASON_BITS.index(c.source))
     peak = affinity.reshape(n_rows, m).max(axis=1) if m else np.zeros(n_rows, dtype=np.float32)
-    if n_rows == 1:  # one request: its exclusions as a catalog mask cost fewer numpy calls
-        cells = (found & ~_excluded(state, placement, profiles[0], reqs[0].context)).nonzero()[0]
-        rows, items = np.zeros(len(cells), dtype=np.int64), cells
-    else:
-        cells = found.nonzero()[0]
-        rows, items = cs.split_cells(cells, n_rows, m)
-        banned = ~state.available[items]
-        excluded = _excluded_pairs(state, placement, reqs, profiles)
-        if len(excluded) and len(cells):
-            at = np.minimum(np.searchsorted(cells, excluded), len(cells) - 1)
-            banned[at[cells[at] == excluded]] = True
-        keep = ~banned
-        cells, rows, items = cells[keep], rows[keep], items[keep]
+    cells = (found & ~_excluded(state, placement, reqs, profiles)).nonzero()[0]
+    rows, items = cs.split_cells(cells, n_rows, m)
     final = blend(state, name, rows, items, affinity[cells], peak, placement.rerank)
     source_bits = source_bits[cells]
     limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
     cap, need = placement.rerank.max_per_category, np.maximum(spec.pool, limits)
     pool_at, over_at = diversify_rows(rows, final, state.catalog.category[items], cap, need, limits, n_rows)
-    if n_rows == 1:
-        return [
-            _Ranked(
-                items[pool_at],
-                final[pool_at],
-                source_bits[pool_at],
-                items[over_at],
-                final[over_at],
-                source_bits[over_at],
-            )
-        ]
     pool_bounds = cs.row_starts(rows[pool_at], n_rows)
     over_bounds = cs.row_starts(rows[over_at], n_rows)
     out = []
@@ -319,7 +293,7 @@ def _decide(
         chosen_scores = np.concatenate([chosen_scores, ranked.overflow_scores[:k]])
         chosen_bits = np.concatenate([chosen_bits, ranked.overflow_bits[:k]])
     if len(chosen) < req.limit:
-        banned = _excluded(state, placement, profile, req.context)
+        banned = _excluded(state, placement, [req], [profile])
         taken = np.zeros(len(state.catalog), dtype=np.bool_)
         taken[chosen] = True
         fill = np.concatenate([state.bestsellers, np.argsort(-state.catalog.popularity, kind="stable")])
