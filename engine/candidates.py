@@ -4,7 +4,8 @@ A batch is one placement's requests (one recipient each for an email batch, one 
 source answers for all of them at once in flat arrays grouped by request ("row"), best first within a row,
 so the cost of a numpy call is paid per batch and not per request. A row's candidates are exactly those a
 one-request batch would get for it; only the ALS product may differ in the last bit of a float32 (a matrix
-product of many users is summed in another order than one user's), as any BLAS kernel choice would.
+product of many users is summed in another order than one user's, and a folded-in customer's small system
+is solved padded to the batch's widest), as any BLAS kernel choice would.
 """
 
 from __future__ import annotations
@@ -111,32 +112,49 @@ def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
     return (np.sort(key) & np.uint64((1 << index_bits) - 1)).astype(np.int64)
 
 
-def user_vector(state: ServingState, customer_id: str, profile: Profile | None) -> FloatArray | None:
-    """The customer's trained factor, or one folded in from their profile's interactions."""
+def user_vectors(
+    state: ServingState, customer_ids: Sequence[str], profiles: Sequence[Profile | None]
+) -> tuple[IntArray, FloatArray]:
+    """The entries (positions into the inputs) that have a user factor, and their factors: the trained one
+    for a customer the model knows, else one folded in from the profile's purchases, cart and recent views
+    (nothing for an unknown customer who touched no item the model knows)."""
     model = state.model
-    if model is None:
-        return None
-    vec = model.user_vector(customer_id)
-    if vec is not None:
-        return np.asarray(vec, dtype=np.float32)
-    if profile is None:
-        return None
-    ids, weights = [], []
-    for p in profile.purchases:
-        ids.append(p.item_id)
-        weights.append(FOLD_IN_WEIGHTS["purchase"] * min(p.count, 5))
-    for i in profile.cart:
-        ids.append(i)
-        weights.append(FOLD_IN_WEIGHTS["cart"])
-    for rank, i in enumerate(profile.recent_views):
-        ids.append(i)
-        weights.append(FOLD_IN_WEIGHTS["view"] * RECENCY_DECAY**rank)
-    pos = np.searchsorted(model.item_ids, ids) if ids else np.empty(0, dtype=np.int64)
-    pos = np.clip(pos, 0, max(model.n_items - 1, 0))
-    ok = np.array([model.n_items > 0 and model.item_ids[p] == i for p, i in zip(pos, ids, strict=True)], dtype=bool)
-    if not ok.any():
-        return None
-    return model.fold_in(pos[ok].astype(np.int64), np.asarray(weights, dtype=np.float32)[ok])
+    if model is None or not customer_ids:
+        return _EMPTY_I, np.empty((0, 0), dtype=np.float32)
+    factor_rows = model.factor_rows(customer_ids)
+    if factor_rows.min() >= 0:  # every customer known (a web request for a known customer)
+        return np.arange(len(factor_rows)), np.asarray(model.user_factors)[factor_rows]
+    known = np.flatnonzero(factor_rows >= 0)
+    trained = np.asarray(model.user_factors)[factor_rows[known]]
+    new = [k for k in np.flatnonzero(factor_rows < 0).tolist() if profiles[k] is not None]
+    if not new:
+        return known, trained
+    touched_ids: list[str] = []
+    touched_weights: list[float] = []
+    bounds = [0]
+    for k in new:
+        profile = profiles[k]
+        assert profile is not None
+        for bought in profile.purchases:
+            touched_ids.append(bought.item_id)
+            touched_weights.append(FOLD_IN_WEIGHTS["purchase"] * min(bought.count, 5))
+        touched_ids += profile.cart
+        touched_weights += [FOLD_IN_WEIGHTS["cart"]] * len(profile.cart)
+        touched_ids += profile.recent_views
+        touched_weights += [FOLD_IN_WEIGHTS["view"] * RECENCY_DECAY**rank for rank in range(len(profile.recent_views))]
+        bounds.append(len(touched_ids))
+    # Items the model does not know are left out; a customer left with none gets no factor.
+    item_rows = model.item_rows(touched_ids)
+    seen = item_rows >= 0
+    owner = np.repeat(np.arange(len(new)), np.diff(bounds))[seen]
+    counts = np.bincount(owner, minlength=len(new))
+    folded = np.asarray(new, dtype=np.int64)[counts > 0]
+    starts = np.concatenate([[0], np.cumsum(counts[counts > 0])])
+    weights = np.asarray(touched_weights, dtype=np.float32)[seen]
+    which = np.concatenate([known, folded])
+    vectors = np.concatenate([trained, model.fold_in_many(item_rows[seen], weights, starts)])
+    order = np.argsort(which, kind="stable")
+    return which[order], vectors[order]
 
 
 def als(state: ServingState, rows: IntArray, vectors: FloatArray, n: int) -> Candidates:

@@ -97,11 +97,10 @@ def _gather(
     for sources, rows in groups:
         for source, weight in sources.items():
             if source == "als":
-                vectors = [(r, cs.user_vector(state, reqs[r].customer_id, profiles[r])) for r in rows]
-                known = [(r, v) for r, v in vectors if v is not None]
-                if known:
-                    row = np.asarray([r for r, _ in known], dtype=np.int64)
-                    out.append((cs.als(state, row, np.stack([v for _, v in known]), n), weight))
+                customers = [reqs[r].customer_id for r in rows]
+                which, vectors = cs.user_vectors(state, customers, [profiles[r] for r in rows])
+                if len(which):
+                    out.append((cs.als(state, np.asarray(rows, dtype=np.int64)[which], vectors, n), weight))
             elif source == "buy_again":
                 allow = placement.filters.allow_repurchase
                 out.append((cs.buy_again(state, profiles, rows, now_day, allow, n), weight))

@@ -4,7 +4,7 @@ version's propensity models when it has them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,25 +72,73 @@ class RecModel:
             return np.asarray(self.user_factors[int(self.user_rows[pos])], dtype=np.float32)
         return None
 
-    def fold_in(self, item_rows: I64, weights: F32) -> F32:
-        """A user factor for someone the model has not seen, from the items they touched.
+    def factor_rows(self, customer_ids: Sequence[str]) -> I64:
+        """Each customer's row of `user_factors`, or -1 for a customer the model has not seen (one search)."""
+        if not len(self.user_ids) or not customer_ids:
+            return np.full(len(customer_ids), -1, dtype=np.int64)
+        if len(customer_ids) == 1:  # a web request: a scalar search skips building an array of ids
+            at = int(np.searchsorted(self.user_ids, customer_ids[0]))
+            hit = at < len(self.user_ids) and self.user_ids[at] == customer_ids[0]
+            return np.asarray([self.user_rows[at] if hit else -1], dtype=np.int64)
+        wanted = np.asarray(customer_ids, dtype=np.str_)
+        pos = np.minimum(np.searchsorted(self.user_ids, wanted), len(self.user_ids) - 1)
+        return np.where(self.user_ids[pos] == wanted, self.user_rows[pos].astype(np.int64), -1)
 
-        One least-squares step of ALS with the item factors fixed (as implicit's recalculate_user),
-        using the confidence-weighted form (YᵀY + Yᵤᵀ(Cᵤ−I)Yᵤ + λI)⁻¹ Yᵤᵀ Cᵤ p(u).
+    def item_rows(self, item_ids: Sequence[str]) -> I64:
+        """Each item's model position, or -1 for an item the model has not seen (one search)."""
+        if not self.n_items or not item_ids:
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        wanted = np.asarray(item_ids, dtype=np.str_)
+        pos = np.minimum(np.searchsorted(self.item_ids, wanted), self.n_items - 1)
+        return np.where(self.item_ids[pos] == wanted, pos.astype(np.int64), -1)
+
+    def fold_in_many(self, item_rows: I64, weights: F32, starts: I64) -> F32:
+        """User factors for customers the model has not seen, from the items they touched: customer j
+        touched `item_rows[starts[j]:starts[j + 1]]` (at least one) with those `weights`.
+
+        One least-squares step of ALS with the item factors fixed (as implicit's recalculate_user), in the
+        confidence-weighted form x = (G + Yᵤᵀ Wᵤ Yᵤ)⁻¹ Yᵤᵀ (1 + wᵤ), G = YᵀY + λI, Wᵤ = diag(wᵤ). G⁻¹ is
+        computed once per model, so a customer's solve is the Woodbury identity over the n items they
+        touched, x = G⁻¹b − Pᵀ (I + Wᵤ Yᵤ Pᵀ)⁻¹ Wᵤ P b with P = Yᵤ G⁻¹ (n × n, not factors × factors), in
+        float64; the products run over all customers' items at once, and the n × n systems are solved
+        stacked, padded with items of weight 0 (which change nothing).
         """
-        y = self.item_factors
-        yu = y[item_rows]
-        c = 1.0 + weights.astype(np.float32)
-        a = self._yty + (yu.T * (c - 1.0)) @ yu + self.regularization * np.eye(y.shape[1], dtype=np.float32)
-        b = (yu.T * c).sum(axis=1)
-        return np.linalg.solve(a, b).astype(np.float32)
+        f = self.item_factors.shape[1]
+        k = len(starts) - 1
+        if k <= 0:
+            return np.empty((0, f), dtype=np.float32)
+        counts = np.diff(starts)
+        gram_inv = self._gram_inverse
+        y = self.item_factors[item_rows].astype(np.float64)  # every touched item, customer by customer
+        w = weights.astype(np.float64)
+        p = y @ gram_inv  # rows of P, all customers at once
+        b = np.add.reduceat(y * (1.0 + w)[:, None], starts[:-1], axis=0)  # (k, f)
+        owner = np.repeat(np.arange(k), counts)
+        pb = np.einsum("if,if->i", p, b[owner])  # (P b) per touched item
+        # Customer j's items padded to `width` slots; a padding slot points at an extra zero row.
+        width = int(counts.max())
+        slot = np.arange(len(item_rows)) - np.repeat(starts[:-1], counts)
+        at = np.full((k, width), len(item_rows), dtype=np.int64)
+        at[owner, slot] = np.arange(len(item_rows))
+        y_pad = np.vstack([y, np.zeros((1, f))])[at]  # (k, n, f)
+        p_pad = np.vstack([p, np.zeros((1, f))])[at]
+        w_pad = np.append(w, 0.0)[at]  # (k, n)
+        system = np.eye(width) + w_pad[:, :, None] * np.einsum("knf,kmf->knm", y_pad, p_pad)
+        rhs = (w_pad * np.append(pb, 0.0)[at])[:, :, None]
+        z = np.linalg.solve(system, rhs)[:, :, 0]  # (k, n)
+        x = b @ gram_inv - np.einsum("kn,knf->kf", z, p_pad)
+        return np.asarray(x, dtype=np.float32)
 
     @property
-    def _yty(self) -> F32:
-        cached = self.__dict__.get("_yty_cache")
+    def _gram_inverse(self) -> npt.NDArray[np.float64]:
+        """(YᵀY + λI)⁻¹ in float64, computed once per model."""
+        cached = self.__dict__.get("_gram_inverse_cache")
         if cached is None:
-            cached = (self.item_factors.T @ self.item_factors).astype(np.float32)
-            object.__setattr__(self, "_yty_cache", cached)
+            y = np.asarray(self.item_factors, dtype=np.float64)
+            gram = y.T @ y + self.regularization * np.eye(y.shape[1])
+            cached = np.linalg.inv(gram)
+            cached = (cached + cached.T) / 2  # symmetric to the last bit: P's transpose is Yᵤ G⁻¹
+            object.__setattr__(self, "_gram_inverse_cache", cached)
         return cached
 
 

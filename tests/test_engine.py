@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from engine import candidates as cs
 from engine.catalog import CatalogState
 from engine.pipeline import Request, recommend
 from engine.recmodel import load_rec_model
@@ -153,6 +154,37 @@ def test_a_new_customer_with_views_gets_folded_in_personal_items(state, model):
     d = decide(state, Request("brand-new", "home", 10), profile, now=NOW)
     assert not d.fallback
     assert any("als" in i.reasons for i in d.items)
+
+
+def test_folded_in_factors_solve_the_als_normal_equations(state, model):
+    """A batch's folded-in factors (Woodbury over the items touched) are the direct solve of the ALS step
+    (YᵀY + Yᵤᵀ Wᵤ Yᵤ + λI) x = Yᵤᵀ (1 + wᵤ); items the model lacks are left out, and a customer left with
+    none, like an unknown one without a profile, gets no factor. Known customers keep their trained one."""
+    ids = state.catalog.item_ids
+    known = _known_customer(model)
+    profiles = [
+        Profile("new-a", recent_views=(ids[3], ids[7], ids[3])),  # a repeated view counts twice
+        Profile("new-b", cart=(ids[11],), purchases=(PurchaseSummary(ids[5], 9, first_day=19_000, last_day=19_600),)),
+        Profile("new-c", recent_views=("no-such-item",)),
+        None,
+        Profile(known),
+        Profile("new-d", recent_views=("no-such-item", ids[20])),
+    ]
+    which, vectors = cs.user_vectors(state, [p.customer_id if p else "nobody" for p in profiles], profiles)
+    assert which.tolist() == [0, 1, 4, 5]
+    assert np.array_equal(vectors[2], model.user_vector(known))
+    y = np.asarray(model.item_factors, dtype=np.float64)
+    direct = {
+        0: ([ids[3], ids[7], ids[3]], [1.0, 0.85, 0.85**2]),
+        1: ([ids[5], ids[11]], [8.0 * 5, 4.0]),  # a purchase counts at most 5 times
+        3: ([ids[20]], [0.85]),
+    }
+    for at, (items, weights) in direct.items():
+        yu = y[model.item_rows(items)]
+        w = np.asarray(weights)
+        a = y.T @ y + (yu.T * w) @ yu + model.regularization * np.eye(y.shape[1])
+        expected = np.linalg.solve(a, yu.T @ (1.0 + w))
+        np.testing.assert_allclose(vectors[at], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_no_personalisation_consent_means_nothing_personal(state, model):
