@@ -20,7 +20,7 @@ from engine import policies
 from engine.catalog import BoolArray, FloatArray, IntArray
 from engine.ids import decision_rng, new_decision_id
 from engine.rerank import blend, diversify_rows
-from engine.rules import Exploration, Greedy, Placement, ThompsonLift
+from engine.rules import Exploration, Greedy, Placement, Softmax, ThompsonLift
 from engine.state import ServingState
 from engine.types import SECONDS_PER_DAY, Context, Decision, Profile, ShadowDecision, ShownItem
 
@@ -207,8 +207,17 @@ def recommend_many(
         if rows
     ]
     ranked = _rank(state, placement_name, placement, reqs, profiles, groups, int(now_s // SECONDS_PER_DAY), spec)
+    selections: list[policies.Selection | None] = [None] * len(reqs)
+    if isinstance(spec, Softmax) and len(reqs) > 1 and not (explore and placement.shadow is not None):
+        # One pass for the whole batch; each row still draws its noise from its own generator. (A shadow
+        # policy draws from that generator after the live choice, so with one each row chooses alone.)
+        gumbels = [decision_rng(ids[r]).gumbel(size=len(ranked[r].pool)) for r in range(len(reqs))]
+        pools = [ranked[r].pool_scores for r in range(len(reqs))]
+        selections = list(policies.softmax_many(spec, pools, [r.limit for r in reqs], gumbels))
     return [
-        _decide(state, placement, reqs[r], profiles[r], reasons[r], ids[r], spec, ranked[r], explore, arms)
+        _decide(
+            state, placement, reqs[r], profiles[r], reasons[r], ids[r], spec, ranked[r], explore, arms, selections[r]
+        )
         for r in range(len(reqs))
     ]
 
@@ -265,14 +274,18 @@ def _decide(
     ranked: _Ranked,
     explore: bool,
     arms: Mapping[str, policies.Arms] | None,
+    selection: policies.Selection | None = None,
 ) -> Decision:
-    """One row's decision from its ranking: the policy's picks with their propensities, then backfill."""
+    """One row's decision from its ranking: the policy's picks with their propensities (unless the batch
+    chose for every row at once: `selection`), then backfill."""
     pool = ranked.pool
     # The policy picks the shown items from the diversified head (any subset keeps the category cap).
     pool_scores = ranked.pool_scores.astype(np.float64)
     pool_arms = _pool_arms(arms, req.placement, pool)
-    rng = decision_rng(decision_id)
-    selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
+    rng: np.random.Generator | None = None
+    if selection is None:
+        rng = decision_rng(decision_id)
+        selection = policies.choose(spec, pool_scores, req.limit, rng, pool_arms)
     chosen = pool[selection.order]
     chosen_scores = ranked.pool_scores[selection.order]
     chosen_bits = ranked.pool_bits[selection.order]
@@ -280,7 +293,7 @@ def _decide(
     lift = _lift_spec(spec, placement.shadow if explore else None)
     expected = policies.expected_rates(lift, pool_scores)[selection.order].round(6).tolist() if lift else []
     shadow = None
-    if explore and placement.shadow is not None:
+    if explore and placement.shadow is not None and rng is not None:
         # The shadow draws from the same generator only after the live choice is made: it never shifts
         # what is shown, and the whole decision still replays from its id.
         shadow = _shadow(placement.shadow, state, pool, pool_scores, selection.order, req.limit, rng, pool_arms)

@@ -8,6 +8,7 @@ before it), which is what off-policy evaluation of slates needs. The only random
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,40 @@ def choose(
         props = np.asarray([d[i] for d, i in zip(dists, sel.order.tolist(), strict=True)], dtype=np.float64)
         sel = Selection(sel.order, props, dists)
     return sel
+
+
+def softmax_many(
+    spec: Softmax, pools: Sequence[npt.NDArray[np.floating]], ks: Sequence[int], gumbels: Sequence[FloatArray]
+) -> list[Selection]:
+    """`choose` for many pools under one softmax policy at once, each pool with its own Gumbel noise (what
+    `choose` draws from the pool's generator: `rng.gumbel(size=len(pool))`).
+
+    The same selections as one `choose` per pool, bit for bit: the pools are laid side by side, padded
+    with -inf (which sorts after every real item), and logits, noise and the stable sort are the same
+    float operations row by row; each row's propensities are its own `_plackett_luce`.
+    """
+    lengths = np.asarray([len(p) for p in pools], dtype=np.int64)
+    if not len(pools) or not lengths.max(initial=0):
+        return [Selection(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)) for _ in pools]
+    flat = np.concatenate(pools).astype(np.float64, copy=False)
+    if not np.isfinite(flat).all():
+        raise ValueError("scores must be a 1-d array of finite numbers")
+    width = int(lengths.max())
+    cells = np.arange(len(flat)) + np.repeat(np.arange(len(pools)) * width - np.cumsum(lengths) + lengths, lengths)
+    scores = np.full((len(pools), width), -np.inf)
+    scores.reshape(-1)[cells] = flat
+    noise = np.zeros((len(pools), width))
+    noise.reshape(-1)[cells] = np.concatenate(gumbels)
+    peak = np.where(lengths > 0, scores.max(axis=1), 0.0)
+    logits = (scores - peak[:, None]) / spec.temperature
+    orders = np.argsort(-(logits + noise), axis=1, kind="stable")
+    out = []
+    for r, (n, k) in enumerate(zip(lengths.tolist(), ks, strict=True)):
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        order = orders[r, : min(k, n)]
+        out.append(Selection(order, _plackett_luce(logits[r, :n], order)))
+    return out
 
 
 def evaluate(

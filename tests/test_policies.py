@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
 
-from engine.policies import Arms, Selection, choose, evaluate
+from engine.policies import Arms, Selection, choose, evaluate, softmax_many
 from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson, ThompsonLift
 
 
@@ -282,3 +282,28 @@ def test_thompson_lift_moves_up_an_item_that_beats_its_estimate():
     assert evaluate(spec, scores, np.array([2, 0, 1]), np.random.default_rng(3), hot)[0] == pytest.approx(
         after[2], abs=0.03
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pools=st.lists(
+        st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0, -3.0, 7.5]), min_size=0, max_size=14),
+        min_size=1,
+        max_size=6,
+    ),
+    ks=st.lists(st.integers(0, 12), min_size=6, max_size=6),
+    temperature=st.sampled_from([0.05, 0.5, 2.0]),
+    seed=st.integers(0, 2**32),
+)
+def test_softmax_for_many_pools_is_each_pools_choice_bit_for_bit(pools, ks, temperature, seed):
+    """A batch's softmax (pools side by side, padded) picks and weighs exactly what `choose` does for
+    each pool with the same generator: same order, same propensities to the last bit (replayable)."""
+    spec = Softmax(temperature=temperature)
+    arrays = [np.asarray(p, dtype=np.float32) for p in pools]
+    limits = ks[: len(pools)]
+    gumbels = [np.random.default_rng([seed, r]).gumbel(size=len(p)) for r, p in enumerate(arrays)]
+    many = softmax_many(spec, arrays, limits, gumbels)
+    for r, (scores, k) in enumerate(zip(arrays, limits, strict=True)):
+        alone = choose(spec, scores.astype(np.float64), k, np.random.default_rng([seed, r]))
+        assert many[r].order.tolist() == alone.order.tolist()
+        assert many[r].propensities.tolist() == alone.propensities.tolist()
