@@ -12,11 +12,13 @@ from babel.numbers import format_currency
 
 from api.email import EmailAnswer
 from api.signing import ClickSigner, ClickToken
-from engine.email_config import EmailSettings
+from engine.catalog import CatalogState
+from engine.email_config import CountryFormat, EmailSettings
 from engine.rules import Rules
 from engine.state import ServingState
 
 MS = 1000
+MAX_CACHED_ITEMS = 200_000  # (item, format) entries the renderer keeps before starting again
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -37,34 +39,27 @@ class EmailRenderer:
     def __init__(self, signer: ClickSigner, public_url: str) -> None:
         self.signer = signer
         self.click_base = public_url.rstrip("/") + "/v1/email/click/"
+        # A product slot's item fields (title, price in a format, image) per (item, format), for the
+        # catalog they were read from: a batch shows the same few hundred items to many recipients.
+        self._items: dict[tuple[str, str, str, float], dict[str, Any]] = {}
+        self._items_of: CatalogState | None = None
 
     def body(self, answer: EmailAnswer, state: ServingState) -> dict[str, Any]:
         content, rules = answer.content, state.rules
         fmt = rules.email.country_format(answer.country)
         expires = content.created_ms // MS + rules.email.click_ttl
-        cat = state.catalog
+        sign, click_base, campaign = self.signer.sign_fields, self.click_base, content.campaign_id
         slots: list[dict[str, Any]] = []
         for s in content.slots:
             decision_id = content.decision_id if s.kind == "product" else content.offers_decision_id or ""
-            token = self.signer.sign(
-                ClickToken(decision_id, content.campaign_id, s.position, s.kind, s.item_id, expires)
-            )
             slot: dict[str, Any] = {
                 "position": s.position,
                 "type": s.kind,
-                "click_url": self.click_base + token,
+                "click_url": click_base + sign(decision_id, campaign, s.position, s.kind, s.item_id, expires),
                 "reasons": list(s.reasons),
             }
             if s.kind == "product":
-                i = cat.index.get(s.item_id)
-                price = round(float(cat.price[i]) * fmt.rate, 2) if i is not None else None
-                slot |= {
-                    "item_id": s.item_id,
-                    "title": cat.titles[i] if i is not None else "",
-                    "price": price,
-                    "price_formatted": format_price(price, fmt.currency, fmt.locale) if price is not None else "",
-                    "image_url": cat.image_urls[i] if i is not None else "",
-                }
+                slot |= self._item_fields(state.catalog, s.item_id, fmt)
             else:
                 offer = rules.offers.get(s.item_id)
                 slot |= {"offer_id": s.item_id, "title": offer.title if offer else "", "price": None}
@@ -81,6 +76,23 @@ class EmailRenderer:
             "fallback_reason": content.fallback_reason,
             "slots": slots,
         }
+
+    def _item_fields(self, cat: CatalogState, item_id: str, fmt: CountryFormat) -> dict[str, Any]:
+        if cat is not self._items_of or len(self._items) >= MAX_CACHED_ITEMS:
+            self._items, self._items_of = {}, cat  # a new catalog (prices may have changed), or full
+        key = (item_id, fmt.locale, fmt.currency, fmt.rate)
+        fields = self._items.get(key)
+        if fields is None:
+            i = cat.index.get(item_id)
+            price = round(float(cat.price[i]) * fmt.rate, 2) if i is not None else None
+            fields = self._items[key] = {
+                "item_id": item_id,
+                "title": cat.titles[i] if i is not None else "",
+                "price": price,
+                "price_formatted": format_price(price, fmt.currency, fmt.locale) if price is not None else "",
+                "image_url": cat.image_urls[i] if i is not None else "",
+            }
+        return fields
 
     def html(self, body: dict[str, Any]) -> str:
         """A table-based block (inline styles only: most mail clients ignore <style> and flexbox)."""

@@ -1,9 +1,12 @@
 """Email slots: stored once and read back, replacement at open, fallbacks, signed clicks, batch, offers."""
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import itertools
 import os
 import shutil
@@ -133,6 +136,20 @@ def test_price_is_formatted_in_the_customers_locale_and_currency(client, shop, r
     assert s["price"] == pytest.approx(round(price[s["item_id"]] * 0.86, 2))
     assert s["price_formatted"].startswith("£")
     assert de_body["slots"][0]["price_formatted"].endswith("€")  # '12,99 €'
+
+
+def test_a_price_change_shows_in_the_next_rendering_of_stored_content(client, shop):
+    """The renderer keeps item fields per catalog: a new catalog (a webhook's price) is rendered anew."""
+    customer = _buyers(shop, 3)[2]
+    first = _slots(client, "wk49", customer)
+    slot = next(s for s in first["slots"] if s["type"] == "product")
+    assert client.post("/v1/catalog/items", json={"item_id": slot["item_id"], "price": 1234.5}).status_code == 200
+    again = _slots(client, "wk49", customer)
+    assert _items(again) == _items(first)  # the stored content, read back
+    now = next(s for s in again["slots"] if s["item_id"] == slot["item_id"])
+    rate = 0.86 if again["currency"] == "GBP" else 1.0
+    assert now["price"] == pytest.approx(round(1234.5 * rate, 2)) != slot["price"]
+    assert now["title"] == slot["title"] and now["click_url"] == slot["click_url"]
 
 
 def test_no_item_twice_across_slots_and_the_category_cap_holds(client, shop):
@@ -283,6 +300,18 @@ def test_signing_keys_rotate_with_two_active_keys():
     assert rotated.sign(rotated.verify(token)).startswith("k2.")  # new links use the new key
     with pytest.raises(InvalidTokenError, match="not active"):
         ClickSigner.from_setting("k2:second-secret-0123456789").verify(token)
+
+
+@pytest.mark.parametrize("secret", ["s" * 16, "k" * 64, "long-" * 40])  # shorter, equal, longer than a block
+def test_a_link_signature_is_hmac_sha256_of_key_id_and_payload(secret):
+    signer = ClickSigner.from_setting(f"k9:{secret}")
+    token = signer.sign(ClickToken("01JDAB4ZK3W8T5N6QXR2C7M9EF", "wk48", 3, "offer", "deal", 1_900_000_000))
+    kid, payload, signature = token.split(".")
+    mac = hmac.new(secret.encode(), f"{kid}.{payload}".encode(), hashlib.sha256).digest()[:16]
+    assert signature == base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert signer.verify(token, now=1_800_000_000) == ClickToken(
+        "01JDAB4ZK3W8T5N6QXR2C7M9EF", "wk48", 3, "offer", "deal", 1_900_000_000
+    )
 
 
 def test_signing_keys_setting_errors_name_the_entry():
