@@ -28,7 +28,7 @@ from api.offers import (
     propensities_many,
     settle,
 )
-from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable
+from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable, with_offers
 from engine.pipeline import Request, recommend, recommend_many
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
@@ -141,9 +141,11 @@ class EmailSlots:
         now_ms = int(time.time() * 1000)
         ttl = state.rules.email.content_ttl
         writes: list[tuple[str, str, bytes, int, tuple[list[Arg], list[Arg]] | None]] = []
+        built: list[EmailContent] = []  # what each write stores: the products alone when the script adds offers
         for j, decision, _profile, offer_req, plan in fresh:
             if offer_req is not None and plan is not None and plan.ranked and not plan.store_down:
                 products = self._content(reqs[j], decision, None, now_ms)
+                built.append(products)
                 candidates = cap_candidates(rt, offer_req, list(plan.ranked))
                 validate(offer_req.customer_id, candidates, offer_req.limit, now_ms)
                 call = reservation_keys_args(rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms)
@@ -153,6 +155,7 @@ class EmailSlots:
             else:
                 offers = settle(plan, offer_req, Reservation(granted=(), refused={})) if offer_req and plan else None
                 content = self._content(reqs[j], decision, offers, now_ms)
+                built.append(content)
                 writes.append((reqs[j].customer_id, campaign, content.to_bytes(), ttl, None))
         try:
             stored = await write_store.store_first_reserving_many(writes)
@@ -162,16 +165,21 @@ class EmailSlots:
                 answers[j] = self._fallback(state, reqs[j], "redis_unavailable", profile.country if profile else None)
             return [a for a in answers if a is not None]
         records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
-        for (j, decision, profile, offer_req, plan), (other, reservation) in zip(fresh, stored, strict=True):
+        for (j, decision, profile, offer_req, plan), sent, (other, reservation) in zip(
+            fresh, built, stored, strict=True
+        ):
             country = profile.country if profile else None
             if other is not None:
                 metrics.EMAIL_SLOTS.labels("race_lost").inc()
                 answers[j] = EmailAnswer(EmailContent.from_bytes(other), "stored", country)
                 continue
-            offers = None
-            if offer_req is not None and plan is not None:
-                offers = settle(plan, offer_req, reservation or Reservation(granted=(), refused={}))
-            content = self._content(reqs[j], decision, offers, now_ms)  # what the script stored, as stored
+            offers, content = None, sent
+            if reservation is not None and offer_req is not None and plan is not None:
+                # What the script stored: the products, then the offers it granted.
+                offers = settle(plan, offer_req, reservation)
+                content = with_offers(sent, [(o.offer_id, o.priority_class) for o in offers.offers], offers.decision_id)
+            elif offer_req is not None and plan is not None:
+                offers = settle(plan, offer_req, Reservation(granted=(), refused={}))
             records += self._log_records(state, decision, offers, reqs[j], profile)
             metrics.EMAIL_SLOTS.labels("decided").inc()
             answers[j] = EmailAnswer(content, "decided", country)

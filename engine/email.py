@@ -133,18 +133,26 @@ def content_from_decision(
     now_ms: int | None = None,
 ) -> EmailContent:
     """The content of a first call: the decision's items as product slots, then (offer id, class) slots."""
-    products = [EmailSlot(i.position, "product", i.item_id, i.reasons, i.propensity, i.score) for i in decision.items]
-    start = len(products) + 1
-    offer_slots = [EmailSlot(start + k, "offer", oid, (cls,)) for k, (oid, cls) in enumerate(offers)]
-    return EmailContent(
+    products = EmailContent(
         campaign_id=campaign_id,
         decision_id=decision.decision_id,
         placement=decision.placement,
-        slots=tuple(products + offer_slots),
+        slots=tuple(
+            EmailSlot(i.position, "product", i.item_id, i.reasons, i.propensity, i.score) for i in decision.items
+        ),
         created_ms=int(time.time() * 1000) if now_ms is None else now_ms,
         model_version=decision.model_version,
         fallback_reason=decision.fallback_reason,
-        offers_decision_id=offers_decision_id if offer_slots else None,
+    )
+    return with_offers(products, offers, offers_decision_id) if offers else products
+
+
+def with_offers(content: EmailContent, offers: list[tuple[str, str]], offers_decision_id: str | None) -> EmailContent:
+    """The content with (offer id, class) slots after its slots; no offer slot, no offers' decision id."""
+    start = len(content.slots) + 1
+    offer_slots = tuple(EmailSlot(start + k, "offer", oid, (cls,)) for k, (oid, cls) in enumerate(offers))
+    return replace(
+        content, slots=content.slots + offer_slots, offers_decision_id=offers_decision_id if offer_slots else None
     )
 
 
