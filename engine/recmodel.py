@@ -66,31 +66,18 @@ class RecModel:
         return int(self.item_factors.shape[0])
 
     def user_vector(self, customer_id: str) -> F32 | None:
-        """The trained factor of a known customer, by binary search over the sorted id array."""
-        pos = int(np.searchsorted(self.user_ids, customer_id))
-        if pos < len(self.user_ids) and self.user_ids[pos] == customer_id:
-            return np.asarray(self.user_factors[int(self.user_rows[pos])], dtype=np.float32)
-        return None
+        """The trained factor of a known customer."""
+        row = int(self.factor_rows([customer_id])[0])
+        return np.asarray(self.user_factors[row], dtype=np.float32) if row >= 0 else None
 
     def factor_rows(self, customer_ids: Sequence[str]) -> I64:
         """Each customer's row of `user_factors`, or -1 for a customer the model has not seen (one search)."""
-        if not len(self.user_ids) or not customer_ids:
-            return np.full(len(customer_ids), -1, dtype=np.int64)
-        if len(customer_ids) == 1:  # a web request: a scalar search skips building an array of ids
-            at = int(np.searchsorted(self.user_ids, customer_ids[0]))
-            hit = at < len(self.user_ids) and self.user_ids[at] == customer_ids[0]
-            return np.asarray([self.user_rows[at] if hit else -1], dtype=np.int64)
-        wanted = np.asarray(customer_ids, dtype=np.str_)
-        pos = np.minimum(np.searchsorted(self.user_ids, wanted), len(self.user_ids) - 1)
-        return np.where(self.user_ids[pos] == wanted, self.user_rows[pos].astype(np.int64), -1)
+        at = _positions(self.user_ids, customer_ids)
+        return np.where(at >= 0, self.user_rows[np.maximum(at, 0)].astype(np.int64), -1) if len(at) else at
 
     def item_rows(self, item_ids: Sequence[str]) -> I64:
         """Each item's model position, or -1 for an item the model has not seen (one search)."""
-        if not self.n_items or not item_ids:
-            return np.full(len(item_ids), -1, dtype=np.int64)
-        wanted = np.asarray(item_ids, dtype=np.str_)
-        pos = np.minimum(np.searchsorted(self.item_ids, wanted), self.n_items - 1)
-        return np.where(self.item_ids[pos] == wanted, pos.astype(np.int64), -1)
+        return _positions(self.item_ids, item_ids)
 
     def fold_in_many(self, item_rows: I64, weights: F32, starts: I64) -> F32:
         """User factors for customers the model has not seen, from the items they touched: customer j
@@ -140,6 +127,21 @@ class RecModel:
             cached = (cached + cached.T) / 2  # symmetric to the last bit: P's transpose is Yᵤ G⁻¹
             object.__setattr__(self, "_gram_inverse_cache", cached)
         return cached
+
+
+def _positions(sorted_ids: npt.NDArray[np.str_], wanted: Sequence[str]) -> I64:
+    """Where each wanted id is in `sorted_ids`, or -1.
+
+    The ids are searched as `sorted_ids`' own fixed-width strings: numpy would otherwise widen the whole
+    sorted array to the longest wanted id on every search (0.7 ms for 80k ids, against 4 µs). An id cut
+    to that width may land on another id, which the exact comparison then rejects (it is not there: no
+    stored id is longer).
+    """
+    if not len(sorted_ids) or not len(wanted):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    keys = np.asarray(wanted, dtype=sorted_ids.dtype)
+    at = np.minimum(np.searchsorted(sorted_ids, keys), len(sorted_ids) - 1)
+    return np.where(sorted_ids[at] == np.asarray(wanted, dtype=np.str_), at, -1).astype(np.int64)
 
 
 def _load_npy(artifact: Artifact, name: str, mmap: bool = False) -> np.ndarray:  # type: ignore[type-arg]

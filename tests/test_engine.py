@@ -187,6 +187,16 @@ def test_folded_in_factors_solve_the_als_normal_equations(state, model):
         np.testing.assert_allclose(vectors[at], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
+def test_ids_longer_than_any_the_model_knows_are_not_found_and_do_not_shadow_others(model):
+    """Searched at the stored width, a long id is cut; the exact comparison must still reject it."""
+    known = _known_customer(model)
+    item = str(model.item_ids[7])
+    rows = model.factor_rows([known + "-and-more", "x" * 64, known])
+    assert rows.tolist() == [-1, -1, int(model.user_rows[list(model.user_ids).index(known)])]
+    assert model.item_rows([item + "0000000000", item]).tolist() == [-1, 7]
+    assert model.user_vector(known + "-and-more") is None and model.user_vector(known) is not None
+
+
 def test_no_personalisation_consent_means_nothing_personal(state, model):
     cid = _known_customer(model)
     profile = Profile(cid, consents=frozenset({"email"}))
