@@ -361,7 +361,7 @@ def buy_again(
 def focus_categories(state: ServingState, profile: Profile | None, context: Context) -> tuple[int, ...]:
     """Categories to draw bestsellers from: the context's, else the customer's strongest affinities."""
     cat = state.catalog
-    ctx = cat.indices(context.item_ids)
+    ctx = cat.indices(context.item_ids) if context.item_id or context.cart else _EMPTY_I
     if len(ctx):
         return tuple(dict.fromkeys(int(c) for c in cat.category[ctx]))
     if profile is not None:
@@ -408,15 +408,16 @@ def bestsellers(
     n: int,
 ) -> list[Candidates]:
     """Bestsellers of each row's focus categories (source `category_bestseller`), else overall (`bestseller`)."""
-    by_source: dict[str, tuple[list[IntArray], list[IntArray], list[FloatArray]]] = {}
+    by_source: dict[str, tuple[list[int], list[int], list[IntArray], list[FloatArray]]] = {}
     for r in rows:
         source, idx, score = _bestseller_list(state, focus_categories(state, profiles[r], contexts[r]), n)
         if len(idx):
-            parts = by_source.setdefault(source, ([], [], []))
-            parts[0].append(np.full(len(idx), r, dtype=np.int64))
-            parts[1].append(idx)
-            parts[2].append(score)
+            parts = by_source.setdefault(source, ([], [], [], []))
+            parts[0].append(r)
+            parts[1].append(len(idx))
+            parts[2].append(idx)
+            parts[3].append(score)
     return [
-        Candidates(source, np.concatenate(r), np.concatenate(i), np.concatenate(s))
-        for source, (r, i, s) in by_source.items()
+        Candidates(source, np.repeat(np.asarray(r, dtype=np.int64), k), np.concatenate(i), np.concatenate(s))
+        for source, (r, k, i, s) in by_source.items()
     ]

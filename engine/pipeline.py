@@ -18,7 +18,7 @@ import numpy.typing as npt
 from engine import candidates as cs
 from engine import policies
 from engine.catalog import BoolArray, FloatArray, IntArray
-from engine.ids import decision_rng, new_decision_id
+from engine.ids import decision_rng, new_decision_ids
 from engine.rerank import blend, diversify_rows
 from engine.rules import Exploration, Greedy, Placement, Softmax, ThompsonLift
 from engine.state import ServingState
@@ -184,7 +184,7 @@ def recommend_many(
     placement = state.rules.placement(placement_name)
     now_s = time.time() if now is None else now
     now_ms = int(now_s * 1000)
-    ids = list(decision_ids) if decision_ids is not None else [new_decision_id(now_ms) for _ in reqs]
+    ids = list(decision_ids) if decision_ids is not None else new_decision_ids(len(reqs), now_ms)
     spec: Exploration = placement.exploration if explore else GREEDY
     profiles = list(profiles)
     reasons: list[str | None] = list(fallback_reasons) if fallback_reasons is not None else [None] * len(reqs)

@@ -238,12 +238,15 @@ def test_strict_diversity_looks_past_the_head_of_the_ranking(state, model, rules
 
 
 def test_decision_ids_are_unique_and_sort_by_time():
-    from engine.ids import decision_seed, new_decision_id
+    from engine.ids import decision_seed, new_decision_id, new_decision_ids
 
     ids = [new_decision_id(1_700_000_000_000 + k) for k in range(200)]
     assert len(set(ids)) == 200 and ids == sorted(ids)
     assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in ids)
     assert decision_seed(ids[0]) == decision_seed(ids[0]) != decision_seed(ids[1])
+    batch = new_decision_ids(500, 1_700_000_000_000)  # a batch's ids: one moment, each its own random bits
+    assert len(set(batch)) == 500 and {i[:10] for i in batch} == {ids[0][:10]}
+    assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in batch)
 
 
 def test_a_decision_replays_exactly_from_its_id_and_greedy_is_the_ranking(state, model):
