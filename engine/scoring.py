@@ -116,7 +116,10 @@ class PropensityModels:
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ValueError(f"propensity models take rows of {len(self.feature_names)} features, got {x.shape}")
         columns = {name: model._run(x).tolist() for name, model in self._chosen(only)}
-        return [{name: float(col[k]) for name, col in columns.items()} for k in range(x.shape[0])]
+        if not columns:
+            return [{} for _ in range(x.shape[0])]
+        names = list(columns)
+        return [dict(zip(names, scores, strict=True)) for scores in zip(*columns.values(), strict=True)]
 
 
 def load_propensity_models(folder: Path) -> PropensityModels | None:
