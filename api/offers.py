@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.holdout import in_holdout
@@ -64,15 +64,15 @@ def _customer(
 ) -> Customer:
     if profile is None:
         return Customer(req.customer_id)
-    customer = Customer(req.customer_id, profile.segment, profile.country, profile.consents)
     if scores is None:
         scores = {}
         models = runtime.model.propensity if runtime.model is not None else None
         if models is not None and len(profile.features) == len(models.feature_names):
             rules = runtime.rules
+            customer = Customer(req.customer_id, profile.segment, profile.country, profile.consents)
             wanted = models_to_score(rules.offers, rules.offer_settings, customer, req.channel, now=_now())
             scores = models.predict(profile.features, wanted) if wanted else {}
-    return replace(customer, propensities=scores)
+    return Customer(req.customer_id, profile.segment, profile.country, profile.consents, scores)
 
 
 def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel: str) -> list[dict[str, float] | None]:
