@@ -8,6 +8,7 @@ of requests at once (`recommend_many`: an email batch's recipients); one web req
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,12 +215,11 @@ def recommend_many(
         gumbels = [decision_rng(ids[r]).gumbel(size=len(ranked[r].pool)) for r in range(len(reqs))]
         pools = [ranked[r].pool_scores for r in range(len(reqs))]
         selections = list(policies.softmax_many(spec, pools, [r.limit for r in reqs], gumbels))
-    return [
-        _decide(
-            state, placement, reqs[r], profiles[r], reasons[r], ids[r], spec, ranked[r], explore, arms, selections[r]
-        )
+    picks = [
+        _pick(state, placement, reqs[r], profiles[r], ids[r], spec, ranked[r], explore, arms, selections[r])
         for r in range(len(reqs))
     ]
+    return _decisions(state, placement_name, reqs, reasons, ids, spec, picks)
 
 
 def _rank(
@@ -263,20 +263,33 @@ def _rank(
     return out
 
 
-def _decide(
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """One row's shown items, before they become a Decision: the policy's picks, then any backfill."""
+
+    chosen: IntArray  # catalog positions, slot by slot
+    scores: npt.NDArray[np.float32]
+    bits: npt.NDArray[np.uint16]
+    propensities: npt.NDArray[np.float64]  # of the policy's picks (backfilled items have probability 1)
+    filled: int  # how many of the last items are bestseller backfill
+    expected: list[float]  # expected clicks of the picks (thompson_lift), else empty
+    lift: bool
+    shadow: ShadowDecision | None
+
+
+def _pick(
     state: ServingState,
     placement: Placement,
     req: Request,
     profile: Profile | None,
-    reason: str | None,
     decision_id: str,
     spec: Exploration,
     ranked: _Ranked,
     explore: bool,
     arms: Mapping[str, policies.Arms] | None,
     selection: policies.Selection | None = None,
-) -> Decision:
-    """One row's decision from its ranking: the policy's picks with their propensities (unless the batch
+) -> _Picked:
+    """One row's items from its ranking: the policy's picks with their propensities (unless the batch
     chose for every row at once: `selection`), then backfill."""
     pool = ranked.pool
     # The policy picks the shown items from the diversified head (any subset keeps the category cap).
@@ -289,7 +302,6 @@ def _decide(
     chosen = pool[selection.order]
     chosen_scores = ranked.pool_scores[selection.order]
     chosen_bits = ranked.pool_bits[selection.order]
-    propensity = selection.propensities
     lift = _lift_spec(spec, placement.shadow if explore else None)
     expected = policies.expected_rates(lift, pool_scores)[selection.order].round(6).tolist() if lift else []
     shadow = None
@@ -317,29 +329,65 @@ def _decide(
         chosen = np.concatenate([chosen, filled])
         chosen_scores = np.concatenate([chosen_scores, value[filled]])
         chosen_bits = np.concatenate([chosen_bits, np.zeros(len(filled), dtype=np.uint16)])
+    return _Picked(
+        chosen, chosen_scores, chosen_bits, selection.propensities, len(filled), expected, lift is not None, shadow
+    )
 
-    reasons = _reasons(state, req.placement, chosen, chosen_bits, chosen_scores, filled)
-    ids = state.catalog.item_ids
-    scores = chosen_scores.astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
+
+def _decisions(
+    state: ServingState,
+    placement: str,
+    reqs: Sequence[Request],
+    fallback_reasons: Sequence[str | None],
+    ids: Sequence[str],
+    spec: Exploration,
+    picks: Sequence[_Picked],
+) -> list[Decision]:
+    """The rows' decisions: reasons, rounded scores and propensities computed over all rows' items at once."""
+    chosen = np.concatenate([p.chosen for p in picks])
+    scores32 = np.concatenate([p.scores for p in picks])
     # Backfilled items are deterministic once the pool is used up: probability 1.
-    props = propensity.tolist() + [1.0] * (len(chosen) - len(propensity))
-    items = tuple(
-        ShownItem(item_id=ids[i], position=pos + 1, score=scores[pos], reasons=reasons[pos], propensity=props[pos])
-        for pos, i in enumerate(chosen.tolist())
-    )
-    return Decision(
-        decision_id=decision_id,
-        placement=req.placement,
-        customer_id=req.customer_id,
-        model_version=state.model_version,
-        items=items,
-        fallback=reason is not None,
-        fallback_reason=reason,
-        policy=spec.policy,
-        policy_params=_params(spec),
-        shadow=shadow,
-        expected_clicks=tuple(expected + [0.0] * (len(items) - len(expected))) if lift else (),
-    )
+    propensities = [*itertools.chain.from_iterable(p.propensities.tolist() for p in picks)]
+    was_filled = [
+        *itertools.chain.from_iterable([False] * (len(p.chosen) - p.filled) + [True] * p.filled for p in picks)
+    ]
+    reasons = _reasons(state, placement, chosen, np.concatenate([p.bits for p in picks]), scores32, was_filled)
+    scores = scores32.astype(np.float64).round(4).tolist()  # float32 would print 0.9078999757…
+    item_ids = state.catalog.item_ids
+    shown = [item_ids[i] for i in chosen.tolist()]
+    out = []
+    at = taken = 0
+    for r, pick in enumerate(picks):
+        n, k = len(pick.chosen), len(pick.propensities)
+        props = propensities[taken : taken + k] + [1.0] * (n - k)
+        items = tuple(
+            ShownItem(
+                item_id=shown[at + j],
+                position=j + 1,
+                score=scores[at + j],
+                reasons=reasons[at + j],
+                propensity=props[j],
+            )
+            for j in range(n)
+        )
+        at, taken = at + n, taken + k
+        reason = fallback_reasons[r]
+        out.append(
+            Decision(
+                decision_id=ids[r],
+                placement=placement,
+                customer_id=reqs[r].customer_id,
+                model_version=state.model_version,
+                items=items,
+                fallback=reason is not None,
+                fallback_reason=reason,
+                policy=spec.policy,
+                policy_params=_params(spec),
+                shadow=pick.shadow,
+                expected_clicks=tuple(pick.expected + [0.0] * (n - len(pick.expected))) if pick.lift else (),
+            )
+        )
+    return out
 
 
 def _lift_spec(live: Exploration, shadow: Exploration | None) -> ThompsonLift | None:
@@ -392,12 +440,11 @@ def _reasons(
     chosen: IntArray,
     bits: npt.NDArray[np.uint16],
     final: FloatArray,
-    filled: IntArray,
+    was_filled: list[bool],
 ) -> list[tuple[str, ...]]:
     _, margin_term = state.value_terms[placement]
     m = margin_term[chosen]
     boosted = ((final > 0) & (m >= 0.1 * final) & (m > 0.05)).tolist()
-    was_filled = np.isin(chosen, filled).tolist() if len(filled) else [False] * len(chosen)
     out = []
     for b, boost, fill in zip(bits.tolist(), boosted, was_filled, strict=True):
         r = REASONS_BY_MASK[b] + (("fill",) if fill else ()) + (("margin_boost",) if boost else ())
