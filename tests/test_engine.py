@@ -244,6 +244,7 @@ def test_decision_ids_are_unique_and_sort_by_time():
     assert len(set(ids)) == 200 and ids == sorted(ids)
     assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in ids)
     assert decision_seed(ids[0]) == decision_seed(ids[0]) != decision_seed(ids[1])
+    assert new_decision_id(1_469_918_176_385)[:10] == "01ARYZ6S41"  # the ULID specification's example time
     batch = new_decision_ids(500, 1_700_000_000_000)  # a batch's ids: one moment, each its own random bits
     assert len(set(batch)) == 500 and {i[:10] for i in batch} == {ids[0][:10]}
     assert all(len(i) == 26 and set(i) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for i in batch)
