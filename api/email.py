@@ -141,11 +141,12 @@ class EmailSlots:
         now_ms = int(time.time() * 1000)
         ttl = state.rules.email.content_ttl
         writes: list[tuple[str, str, bytes, int, tuple[list[Arg], list[Arg]] | None]] = []
-        built: list[EmailContent] = []  # what each write stores: the products alone when the script adds offers
+        # What each write stores, and its offers: the products alone when the script is to add the offers.
+        built: list[tuple[EmailContent, OfferAnswer | None]] = []
         for j, decision, _profile, offer_req, plan in fresh:
             if offer_req is not None and plan is not None and plan.ranked and not plan.store_down:
                 products = self._content(reqs[j], decision, None, now_ms)
-                built.append(products)
+                built.append((products, None))
                 candidates = cap_candidates(rt, offer_req, list(plan.ranked))
                 validate(offer_req.customer_id, candidates, offer_req.limit, now_ms)
                 call = reservation_keys_args(rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms)
@@ -155,7 +156,7 @@ class EmailSlots:
             else:
                 offers = settle(plan, offer_req, Reservation(granted=(), refused={})) if offer_req and plan else None
                 content = self._content(reqs[j], decision, offers, now_ms)
-                built.append(content)
+                built.append((content, offers))
                 writes.append((reqs[j].customer_id, campaign, content.to_bytes(), ttl, None))
         try:
             stored = await write_store.store_first_reserving_many(writes)
@@ -165,7 +166,7 @@ class EmailSlots:
                 answers[j] = self._fallback(state, reqs[j], "redis_unavailable", profile.country if profile else None)
             return [a for a in answers if a is not None]
         records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
-        for (j, decision, profile, offer_req, plan), sent, (other, reservation) in zip(
+        for (j, decision, profile, offer_req, plan), (sent, sent_offers), (other, reservation) in zip(
             fresh, built, stored, strict=True
         ):
             country = profile.country if profile else None
@@ -173,13 +174,11 @@ class EmailSlots:
                 metrics.EMAIL_SLOTS.labels("race_lost").inc()
                 answers[j] = EmailAnswer(EmailContent.from_bytes(other), "stored", country)
                 continue
-            offers, content = None, sent
+            content, offers = sent, sent_offers
             if reservation is not None and offer_req is not None and plan is not None:
                 # What the script stored: the products, then the offers it granted.
                 offers = settle(plan, offer_req, reservation)
-                content = with_offers(sent, [(o.offer_id, o.priority_class) for o in offers.offers], offers.decision_id)
-            elif offer_req is not None and plan is not None:
-                offers = settle(plan, offer_req, Reservation(granted=(), refused={}))
+                content = with_offers(sent, _offer_slots(offers), offers.decision_id)
             records += self._log_records(state, decision, offers, reqs[j], profile)
             metrics.EMAIL_SLOTS.labels("decided").inc()
             answers[j] = EmailAnswer(content, "decided", country)
@@ -233,7 +232,7 @@ class EmailSlots:
         return EmailAnswer(content, "stored", country)
 
     def _content(self, req: SlotsRequest, decision: Decision, offers: OfferAnswer | None, now_ms: int) -> EmailContent:
-        chosen = [(o.offer_id, o.priority_class) for o in offers.offers] if offers else []
+        chosen = _offer_slots(offers) if offers else []
         return content_from_decision(req.campaign_id, decision, chosen, offers.decision_id if offers else None, now_ms)
 
     def _log_records(
@@ -263,3 +262,8 @@ class EmailSlots:
         )
         metrics.EMAIL_SLOTS.labels("fallback").inc()
         return EmailAnswer(content_from_decision(req.campaign_id, decision, []), "fallback", country)
+
+
+def _offer_slots(offers: OfferAnswer) -> list[tuple[str, str]]:
+    """(offer id, class) of the offers shown, as the content's offer slots hold them."""
+    return [(o.offer_id, o.priority_class) for o in offers.offers]
