@@ -119,12 +119,28 @@ class Runtime:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self._open_connections()
         if self.email_signer.ephemeral:
             await self._shared_signing_key()
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="nextbest-refresh")
         if self.settings.peers_dir is not None:
             await self._start_peers(self.settings.peers_dir)
+
+    async def _open_connections(self) -> None:
+        """Connect every client now, not on first use: a first use can come while this worker's loop is busy
+        (a batch's chunks), and a connect that misses its budget that way fails its commands, a decision log
+        write among them. Redis down at start only delays it: a client connects on its next use."""
+        clients = {
+            "request": self.store.client,
+            "background": self.background_store.client,
+            "ingest": self.ingest_client,
+            "caps": self.caps_client,
+        }
+        replies = await asyncio.gather(*(c.execute("PING") for c in clients.values()), return_exceptions=True)
+        for name, reply in zip(clients, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.warning("Redis connection %r not opened at start (%s); it is tried again on first use", name, reply)
 
     async def _start_peers(self, directory: Path) -> None:
         from api.email_batch import chunk_lines  # it imports this module

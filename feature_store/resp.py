@@ -2,9 +2,9 @@
 
 redis-py's asyncio client spends ~100 µs of Python per command (pool, locks, packing); a decision has a
 budget of a few milliseconds, so the request path talks RESP directly: commands are written on one
-persistent connection (unix socket or TCP) and each waits for its reply with a deadline. A command
-that times out leaves its slot in the FIFO, and its late reply is dropped when it arrives. Parsing is
-hiredis (C).
+persistent connection (unix socket or TCP), and each write (one command or a pipeline) waits for its
+replies with a deadline, on one future. A write that times out leaves its slots in the FIFO, and its late
+replies are dropped when they arrive. Parsing is hiredis (C).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 
 Arg = bytes | str | int | float
+# Loop turns a connect that missed its deadline still gets, in case the deadline passed while this process was
+# busy and the connection was made meanwhile (a connect to a live server takes one or two).
+CONNECT_GRACE_TURNS = 4
 
 
 class RespError(Exception):
@@ -98,10 +101,24 @@ class RedisClient(Protocol):
     async def close(self) -> None: ...
 
 
+class _Batch:
+    """The replies one write waits for: `size` of them, in order, then `future` gets the list (an error
+    reply as its `RespError`). One future per write, not per command: a pipeline of 500 commands is one
+    wake-up of its caller."""
+
+    __slots__ = ("future", "replies", "size")
+
+    def __init__(self, future: asyncio.Future[list[Any]], size: int) -> None:
+        self.future = future
+        self.size = size
+        self.replies: list[Any] = []
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.pending: collections.deque[_Batch] = collections.deque()
+        self.waiting = 0  # replies still due, over every pending batch
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
 
@@ -110,21 +127,22 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        pending = self.pending
         while True:
             reply = self.reader.gets()
             if reply is False:
                 return
-            if not self.pending:
+            if not pending:
                 # A reply nobody asked for: the stream is out of step, so drop the connection.
                 self._fail(RespConnectionError("unexpected reply from Redis"))
                 return
-            fut = self.pending.popleft()
-            if fut.done():
-                continue  # its caller gave up (timeout); the late reply is discarded
-            if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(RespError(str(reply)))
-            else:
-                fut.set_result(reply)
+            batch = pending[0]
+            batch.replies.append(RespError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply)
+            self.waiting -= 1
+            if len(batch.replies) == batch.size:
+                pending.popleft()
+                if not batch.future.done():  # else its caller gave up (timeout): the late replies are dropped
+                    batch.future.set_result(batch.replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RespConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
@@ -132,9 +150,10 @@ class _Protocol(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
         while self.pending:
-            fut = self.pending.popleft()
-            if not fut.done():
-                fut.set_exception(exc)
+            batch = self.pending.popleft()
+            if not batch.future.done():
+                batch.future.set_exception(exc)
+        self.waiting = 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -162,14 +181,29 @@ class LeanRedis:
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
+        if ep.unix_path:
+            opening = loop.create_task(loop.create_unix_connection(_Protocol, ep.unix_path))
+        else:
+            opening = loop.create_task(loop.create_connection(_Protocol, ep.host, ep.port, ssl=ep.ssl_context()))
         try:
-            async with asyncio.timeout(self.timeout_s):
-                if ep.unix_path:
-                    _, proto = await loop.create_unix_connection(_Protocol, ep.unix_path)
-                else:
-                    _, proto = await loop.create_connection(_Protocol, ep.host, ep.port, ssl=ep.ssl_context())
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    _, proto = await asyncio.shield(opening)
+            except TimeoutError:
+                # As in `_settled`: the deadline also passes while this process was busy and the connection was
+                # made meanwhile (uvloop runs a due timer before it reads); give it a few turns of the loop.
+                for _ in range(CONNECT_GRACE_TURNS):
+                    if opening.done():
+                        break
+                    await asyncio.sleep(0)
+                if not opening.done():
+                    raise
+                _, proto = opening.result()
         except (OSError, TimeoutError) as exc:
-            raise RespConnectionError(f"cannot connect to Redis: {exc or type(exc).__name__}") from exc
+            raise RespConnectionError(f"cannot connect to Redis: {str(exc) or type(exc).__name__}") from exc
+        finally:
+            if not opening.done():
+                opening.cancel()
         setup: list[tuple[Arg, ...]] = []
         if ep.password is not None:
             setup.append(("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password))
@@ -179,50 +213,47 @@ class LeanRedis:
             await self._send(proto, setup)
         return proto
 
-    def _write(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[asyncio.Future[Any]]:
-        if len(proto.pending) + len(commands) > self.max_pending:
+    def _write(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> _Batch:
+        if proto.waiting + len(commands) > self.max_pending:
             raise RespConnectionError(f"more than {self.max_pending} commands waiting on Redis")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        proto.pending.extend(futures)
+        batch = _Batch(asyncio.get_running_loop().create_future(), len(commands))
+        if not commands:
+            batch.future.set_result(batch.replies)
+            return batch
+        proto.pending.append(batch)
+        proto.waiting += len(commands)
         assert proto.transport is not None
         proto.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))  # type: ignore[arg-type]
-        return futures
+        return batch
 
     async def _send(self, proto: _Protocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         return await self._replies(self._write(proto, commands))
 
-    async def _replies(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
-        results = await self._settled(futures)
-        first_error = next((r for r in results if isinstance(r, Exception)), None)
+    async def _replies(self, batch: _Batch) -> list[Any]:
+        results = await self._settled(batch)
+        first_error = next((r for r in results if isinstance(r, RespError)), None)
         if first_error is not None:
             raise first_error
         return results
 
-    async def _settled(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
-        """Every reply in order, a failed one as its exception (so each error is retrieved); TimeoutError
-        if they do not all arrive within the deadline."""
-        results: list[Any] = []
+    async def _settled(self, batch: _Batch) -> list[Any]:
+        """Every reply in order, an error reply as its `RespError`; TimeoutError if they do not all arrive
+        within the deadline, the connection's error if it is lost first."""
+        future = batch.future
         try:
             async with asyncio.timeout(self.timeout_s):
-                for f in futures:
-                    try:
-                        results.append(await asyncio.shield(f))  # the deadline must not cancel the reply slot
-                    except Exception as exc:
-                        results.append(exc)
+                return await asyncio.shield(future)  # the deadline must not cancel the reply slots
         except TimeoutError:
             # The deadline also passes when this process was busy (other requests' CPU work) while the replies
             # were already on the socket, and uvloop runs due timers before it reads. Look once more before
             # giving up, so a busy worker does not blame a healthy Redis and keep its circuit open.
             await asyncio.sleep(0)
-            if not all(f.done() and not f.cancelled() for f in futures):
+            if not future.done() or future.cancelled():
                 raise
-            results = [f.exception() or f.result() for f in futures]
+            return future.result()
         finally:
-            for f in futures:
-                if not f.done():
-                    f.cancel()
-        return results
+            if not future.done():
+                future.cancel()  # its replies, when they come, are dropped
 
     async def execute(self, *args: Arg) -> Any:
         proto = await self._connection()

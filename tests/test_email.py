@@ -496,6 +496,44 @@ def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, 
     assert all(later > earlier for (earlier, _), (later, _) in itertools.pairwise(seen)), seen
 
 
+def test_a_worker_busy_when_its_first_batch_arrives_still_stores_and_logs_every_decision(
+    redis_url, keys, shop_dir, registry_root, shop
+):
+    """The production budget (20 ms a round trip) on a loop that is blocked longer than that as the first
+    chunk goes out: connections are opened at start, so no connect races the busy loop (it lost, and the
+    chunk's decisions went unlogged, when the log's connection was first opened by the batch)."""
+    from api.email import SlotsRequest
+
+    load_shop(redis_url, keys, shop_dir)
+    settings = _settings(registry_root, keys, redis_timeout_ms=20.0)
+    with TestClient(create_app(settings, redis_url=redis_url), backend_options={"use_uvloop": True}) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        reqs = [SlotsRequest("busy", c, "email:weekly", 4) for c in _buyers(shop, 40)]
+
+        async def run() -> Any:
+            done = asyncio.Event()
+
+            async def other_chunk() -> None:  # CPU work holding the loop 30 ms at a time, as a chunk's groups do
+                while not done.is_set():
+                    time.sleep(0.03)
+                    await asyncio.sleep(0)
+
+            hog = asyncio.create_task(other_chunk())
+            try:
+                answers = await runtime.email.slots_many(reqs)
+                await asyncio.gather(*runtime._log_writes)
+            finally:
+                done.set()
+                await hog
+            return answers
+
+        answers = client.portal.call(run)  # type: ignore[union-attr]
+    assert [a.source for a in answers] == ["decided"] * len(reqs)
+    entries: Any = redis.Redis.from_url(redis_url).xrange(keys.log_stream)
+    logged = {orjson.loads(f[b"e"]).get("decision_id") for _, f in entries}
+    assert {a.content.decision_id for a in answers} <= logged
+
+
 def test_a_bad_batch_body_is_422_and_stores_nothing(client, redis_url, keys):
     r = client.post("/v1/email/slots:batch", json={"campaign_id": "x y", "recipients": ["c1"]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "campaign_id"]

@@ -1,6 +1,7 @@
 """The lean request-path Redis client against a real server: replies, errors, timeouts, reconnects."""
 
 import asyncio
+import time
 
 import pytest
 import redis
@@ -126,3 +127,65 @@ def test_a_pipeline_is_one_write_and_one_wait(redis_url, keys):
 
     writes, replies = run(main())
     assert len(writes) == 1 and replies == [b"OK", b"1", b"PONG"]
+
+
+def test_an_error_in_a_pipeline_is_its_own_reply_and_the_others_still_arrive(redis_url, keys):
+    async def main():
+        c = LeanRedis(redis_url, 1.0)
+        k = f"{keys.prefix}:mixed"
+        commands = [("SET", k, "x"), ("HGET", k, "f"), ("GET", k)]
+        settled = await (await c.send_settled(commands))
+        with pytest.raises(RespError, match="WRONGTYPE"):
+            await c.pipeline(commands)
+        after = await c.execute("GET", k)
+        await c.close()
+        return settled, after
+
+    settled, after = run(main())
+    assert settled[0] == b"OK" and isinstance(settled[1], RespError) and settled[2] == b"x"
+    assert after == b"x"
+
+
+def test_a_timed_out_pipeline_drops_all_its_late_replies(redis_url, keys):
+    admin = redis.Redis.from_url(redis_url)
+
+    async def main():
+        c = LeanRedis(redis_url, 0.05)
+        k = f"{keys.prefix}:late"
+        await c.execute("SET", k, "old")
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        with pytest.raises(TimeoutError):
+            await c.pipeline([("GET", k)] * 5)
+        await asyncio.sleep(0.4)  # five late replies arrive; none may be taken for the next commands
+        got = await c.pipeline([("SET", k, "new"), ("GET", k), ("PING",)])
+        await c.close()
+        return got
+
+    assert run(main()) == [b"OK", b"new", b"PONG"]
+
+
+def test_a_connect_that_completes_while_the_loop_is_busy_is_not_given_up(redis_url):
+    """Under uvloop a due timer runs before the connect's completion is read: a worker busy past the
+    budget (a batch's CPU work) must not turn a made connection into a failure."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        done = asyncio.Event()
+
+        async def busy() -> None:
+            while not done.is_set():
+                time.sleep(0.03)  # longer than the 20 ms budget
+                await asyncio.sleep(0)
+
+        hog = asyncio.create_task(busy())
+        await asyncio.sleep(0)
+        try:
+            c = LeanRedis(redis_url, 0.02)
+            replies = [await c.execute("PING") for _ in range(3)]
+            await c.close()
+            return replies
+        finally:
+            done.set()
+            await hog
+
+    assert uvloop.run(main()) == [b"PONG"] * 3
