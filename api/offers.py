@@ -62,17 +62,18 @@ def offer_models(runtime: Runtime) -> frozenset[str]:
 def _customer(
     runtime: Runtime, req: OfferRequest, profile: Profile | None, scores: dict[str, float] | None = None
 ) -> Customer:
+    in_cart = bool(req.context.cart) or (profile is not None and bool(profile.cart))
     if profile is None:
-        return Customer(req.customer_id)
+        return Customer(req.customer_id, has_cart=in_cart)
     if scores is None:
         scores = {}
         models = runtime.model.propensity if runtime.model is not None else None
         if models is not None and len(profile.features) == len(models.feature_names):
             rules = runtime.rules
-            customer = Customer(req.customer_id, profile.segment, profile.country, profile.consents)
+            customer = Customer(req.customer_id, profile.segment, profile.country, profile.consents, has_cart=in_cart)
             wanted = models_to_score(rules.offers, rules.offer_settings, customer, req.channel, now=_now())
             scores = models.predict(profile.features, wanted) if wanted else {}
-    return Customer(req.customer_id, profile.segment, profile.country, profile.consents, scores)
+    return Customer(req.customer_id, profile.segment, profile.country, profile.consents, scores, in_cart)
 
 
 def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel: str) -> list[dict[str, float] | None]:
@@ -89,7 +90,7 @@ def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel:
     for k in rows:
         p = profiles[k]
         assert p is not None
-        customer = Customer(p.customer_id, p.segment, p.country, p.consents)
+        customer = Customer(p.customer_id, p.segment, p.country, p.consents, has_cart=bool(p.cart))
         wanted |= models_to_score(rules.offers, rules.offer_settings, customer, channel, now=now)
     scored = models.predict_rows([profiles[k].features for k in rows], wanted)  # type: ignore[union-attr]
     for k, scores in zip(rows, scored, strict=True):

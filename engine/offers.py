@@ -29,6 +29,7 @@ class Customer:
     country: str | None = None
     consents: frozenset[str] | None = None
     propensities: Mapping[str, float] = field(default_factory=dict)  # model name -> probability
+    has_cart: bool = False  # something in the profile's cart or in the request's context cart
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,8 @@ def _refusal(offer: Offer, settings: OfferSettings, customer: Customer, channel:
         return f"country {customer.country or 'unknown'} not eligible"
     if el.segments and customer.segment not in el.segments:
         return f"segment {customer.segment or 'unknown'} not eligible"
+    if el.cart and not customer.has_cart:
+        return "nothing in the cart"
     needed = [CHANNEL_CONSENT[channel]] if offer.priority_class == "marketing" else []
     needed += [el.consent] if el.consent else []
     for purpose in filter(None, needed):
@@ -75,11 +78,11 @@ def _refusal(offer: Offer, settings: OfferSettings, customer: Customer, channel:
     return None
 
 
-_Kind = tuple[str, dt.date, str | None, str | None, frozenset[str] | None]
+_Kind = tuple[str, dt.date, str | None, str | None, frozenset[str] | None, bool]
 
 
 class _Refusals:
-    """Each offer's hard-filter refusal per kind of customer (channel, day, segment, country, consents): a
+    """Each offer's hard-filter refusal per kind of customer (channel, day, segment, country, consents, cart): a
     batch meets a few hundred kinds, so the filters run once per kind, not once per recipient and offer."""
 
     def __init__(self) -> None:
@@ -92,7 +95,7 @@ class _Refusals:
         rules = self._rules
         if rules is None or rules[0] is not offers or rules[1] is not settings or len(self._by_kind) > 4096:
             self._rules, self._by_kind = (offers, settings), {}
-        kind = (channel, today, customer.segment, customer.country, customer.consents)
+        kind = (channel, today, customer.segment, customer.country, customer.consents, customer.has_cart)
         found = self._by_kind.get(kind)
         if found is None:
             found = self._by_kind[kind] = {

@@ -1,10 +1,10 @@
 """Offers as a marketer writes them in the rules YAML, validated at load.
 
 An offer names its channels, eligibility (segments, minimum propensity, date window, countries,
-required consent), business value (fixed, or the margin of an item), cost, priority class, frequency
-caps, suppression, kill switch and holdout share. A mistake — an unknown field, a bad date, a cap
-without a window — is an error naming the offer and the field (``offers.free_shipping.caps.0.window``),
-and a server keeps serving its previous rules.
+required consent, something in the cart), business value (fixed, or the margin of an item), cost,
+priority class, frequency caps, suppression, kill switch and holdout share. A mistake — an unknown
+field, a bad date, a cap without a window — is an error naming the offer and the field
+(``offers.free_shipping.caps.0.window``), and a server keeps serving its previous rules.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class Eligibility(_Strict):
     countries: frozenset[str] = Field(frozenset(), description="ISO country codes allowed (empty: any)")
     consent: Literal["email", "sms", "push", "personalization"] | None = Field(
         None, description="a consent purpose the customer must have given, on top of the channel's"
+    )
+    cart: bool = Field(
+        False, description="only for a customer with something in the cart (the profile's, or the request's)"
     )
 
     @model_validator(mode="after")

@@ -124,6 +124,19 @@ def test_consent_is_absolute_for_marketing_on_its_channel():
     assert _ids(arbitrate(offers, OfferSettings(), unknown, "web", Context(), now=NOW)[0]) == ["banner"]
 
 
+def test_a_cart_offer_goes_only_to_customers_with_something_in_the_cart():
+    offers = {"reminder": _offer(eligibility={"cart": True}, **{"class": "transactional"}), "any": _offer()}
+    # Same kind of customer otherwise: the refusals kept per kind must tell the two apart, in either order.
+    for first in (False, True):
+        for has_cart in (first, not first):
+            ranked, refused = arbitrate(offers, OfferSettings(), _known(has_cart=has_cart), "web", Context(), now=NOW)
+            if has_cart:
+                assert _ids(ranked) == ["reminder", "any"]
+            else:
+                assert _ids(ranked) == ["any"] and refused["reminder"] == "nothing in the cart"
+    assert "reminder" in arbitrate(offers, OfferSettings(), Customer("x"), "web", Context(), now=NOW)[1]
+
+
 def test_unknown_customers_get_only_segment_free_offers_at_the_default_propensity():
     offers = {"any": _offer(), "winback": _offer(eligibility={"segments": ["at_risk"]})}
     ranked, refused = arbitrate(

@@ -99,6 +99,20 @@ def test_offers_come_with_their_explanation_in_class_and_priority_order(client, 
     )
 
 
+def test_the_cart_reminder_waits_for_something_in_the_cart_then_follows_the_next_event(client, shop):
+    """The bundled rules' `order_reminder` has `eligibility: {cart: true}`: not for an empty cart (an unknown
+    recipient included), offered once the profile's cart has an item, and on a request whose context has one."""
+    item = str(shop.catalog["item_id"].iloc[0])
+    before = _offers(client, "cart-test", "email", limit=3)
+    assert before["not_shown"]["order_reminder"] == "nothing in the cart"
+    in_context = _offers(client, "cart-test-2", "push", limit=3, context={"cart": [item]})
+    assert "order_reminder" in [o["offer_id"] for o in in_context["offers"]]
+    event = {"event_id": "cart-1", "customer_id": "cart-test", "type": "add_to_cart", "item_id": item}
+    assert client.post("/v1/events", json={**event, "timestamp": int(time.time() * 1000)}).status_code == 202
+    after = _offers(client, "cart-test", "email", limit=3)
+    assert "order_reminder" in [o["offer_id"] for o in after["offers"]]
+
+
 def test_consent_withdrawn_means_no_marketing_email_ever(client, shop):
     customer = _consenting(shop, flag=True)
     first = _offers(client, customer, "email", limit=5)
