@@ -22,7 +22,7 @@ import hiredis
 
 Arg = bytes | str | int | float
 # Loop turns a connect that missed its deadline still gets, in case the deadline passed while this process was
-# busy and the connection was made meanwhile (a connect to a live server takes one or two).
+# busy and the connection was made meanwhile (a connect to a live server takes one or two). Replies get one.
 CONNECT_GRACE_TURNS = 4
 
 
@@ -99,6 +99,20 @@ class RedisClient(Protocol):
     async def run_script(self, script: Script, calls: Sequence[Sequence[Arg]]) -> list[Any]: ...
 
     async def close(self) -> None: ...
+
+
+async def _done_after_all(awaited: asyncio.Future[Any], turns: int) -> bool:
+    """Whether `awaited`, whose deadline just passed, completes within `turns` more turns of the loop.
+
+    The deadline also passes when this process was busy (other requests' CPU work) while the answer was
+    already on the socket, and uvloop runs due timers before it reads: looking again before giving up
+    keeps a busy worker from blaming a healthy Redis (and failing what it was about to get).
+    """
+    for _ in range(turns):
+        if awaited.done():
+            break
+        await asyncio.sleep(0)
+    return awaited.done() and not awaited.cancelled()
 
 
 class _Batch:
@@ -190,13 +204,7 @@ class LeanRedis:
                 async with asyncio.timeout(self.timeout_s):
                     _, proto = await asyncio.shield(opening)
             except TimeoutError:
-                # As in `_settled`: the deadline also passes while this process was busy and the connection was
-                # made meanwhile (uvloop runs a due timer before it reads); give it a few turns of the loop.
-                for _ in range(CONNECT_GRACE_TURNS):
-                    if opening.done():
-                        break
-                    await asyncio.sleep(0)
-                if not opening.done():
+                if not await _done_after_all(opening, CONNECT_GRACE_TURNS):
                     raise
                 _, proto = opening.result()
         except (OSError, TimeoutError) as exc:
@@ -244,11 +252,7 @@ class LeanRedis:
             async with asyncio.timeout(self.timeout_s):
                 return await asyncio.shield(future)  # the deadline must not cancel the reply slots
         except TimeoutError:
-            # The deadline also passes when this process was busy (other requests' CPU work) while the replies
-            # were already on the socket, and uvloop runs due timers before it reads. Look once more before
-            # giving up, so a busy worker does not blame a healthy Redis and keep its circuit open.
-            await asyncio.sleep(0)
-            if not future.done() or future.cancelled():
+            if not await _done_after_all(future, 1):
                 raise
             return future.result()
         finally:
