@@ -29,6 +29,7 @@ from api.offers import (
     settle,
 )
 from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable, with_offers
+from engine.ids import new_decision_ids
 from engine.pipeline import Request, recommend, recommend_many
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
@@ -123,6 +124,9 @@ class EmailSlots:
         wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
         scored = propensities_many(rt, [profiles[j][0] for j in pending], "email") if wants_offers else []
         scores = dict(zip(pending, scored, strict=False))
+        # The offers' decision ids of the whole batch from one system call (their random half is also the
+        # nonce of each recipient's cap reservation).
+        offer_ids = dict(zip(pending, new_decision_ids(len(pending)), strict=True)) if wants_offers else {}
         for k in range(0, len(pending), DECIDE_TOGETHER):
             if k:
                 await asyncio.sleep(0)
@@ -132,7 +136,7 @@ class EmailSlots:
                 req, (profile, reason) = reqs[j], profiles[j]
                 if wants_offers:
                     wanted = OfferRequest(req.customer_id, "email", state.rules.placement(req.placement).offer_slots)
-                    offer_plan = plan_offers(rt, wanted, profile, reason, scores.get(j))
+                    offer_plan = plan_offers(rt, wanted, profile, reason, scores.get(j), offer_ids[j])
                     fresh.append((j, decision, profile, wanted, offer_plan))
                 else:
                     fresh.append((j, decision, profile, None, None))
@@ -149,7 +153,9 @@ class EmailSlots:
                 built.append((products, None))
                 candidates = cap_candidates(rt, offer_req, list(plan.ranked))
                 validate(offer_req.customer_id, candidates, offer_req.limit, now_ms)
-                call = reservation_keys_args(rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms)
+                call = reservation_keys_args(
+                    rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms, plan.decision_id[-16:]
+                )
                 offered = [(r.offer_id, r.priority_class) for r in plan.ranked]
                 pending_bytes = replace(products, offers_decision_id=plan.decision_id).with_pending_offers(offered)
                 writes.append((reqs[j].customer_id, campaign, pending_bytes, ttl, call))
@@ -166,6 +172,7 @@ class EmailSlots:
                 answers[j] = self._fallback(state, reqs[j], "redis_unavailable", profile.country if profile else None)
             return [a for a in answers if a is not None]
         records: list[tuple[Decision, Context, Profile | None, str, int | None]] = []
+        decided = 0
         for (j, decision, profile, offer_req, plan), (sent, sent_offers), (other, reservation) in zip(
             fresh, built, stored, strict=True
         ):
@@ -180,8 +187,9 @@ class EmailSlots:
                 offers = settle(plan, offer_req, reservation)
                 content = with_offers(sent, _offer_slots(offers), offers.decision_id)
             records += self._log_records(state, decision, offers, reqs[j], profile)
-            metrics.EMAIL_SLOTS.labels("decided").inc()
+            decided += 1
             answers[j] = EmailAnswer(content, "decided", country)
+        metrics.EMAIL_SLOTS.labels("decided").inc(decided)
         await rt.log_decisions(records)
         return [a for a in answers if a is not None]
 

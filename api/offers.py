@@ -122,9 +122,10 @@ def plan_offers(
     profile: Profile | None,
     reason: str | None,
     scores: dict[str, float] | None = None,
+    decision_id: str | None = None,
 ) -> OfferPlan:
     """Propensities, arbitration, the global and per-offer holdouts: pure, given the profile read
-    (and the model scores, when the caller scored a batch of customers at once)."""
+    (and the model scores and decision id, when the caller scored and named a batch of customers at once)."""
     rules = runtime.rules
     offers, settings = rules.offers, rules.offer_settings
     store_down = reason in ("redis_unavailable", "redis_circuit_open")
@@ -156,7 +157,7 @@ def plan_offers(
                 refused[r.offer_id] = "needs the store (caps), which is unavailable"
         ranked = stateless
     return OfferPlan(
-        decision_id=new_decision_id(),
+        decision_id=decision_id or new_decision_id(),
         ranked=tuple(ranked),
         refused=refused,
         segment=customer.segment,

@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(2.0, gt=0, description="seconds before an open circuit lets a probe through")
     refresh_interval_s: float = Field(1.0, gt=0, le=3600, description="how often to check for new models/catalog")
     log_level: str = "info"
+    gc_young_objects: int = Field(
+        20_000,
+        ge=100,
+        le=1_000_000,
+        description="net new objects between young garbage collections (CPython's default, 700, makes a batch's "
+        "short-lived objects be scanned and promoted again and again: 4 % of its CPU)",
+    )
     caps_timeout_ms: float = Field(
         100.0,
         gt=0,

@@ -152,16 +152,20 @@ def validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_
 
 
 def reservation_keys_args(
-    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int
+    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int, nonce: str | None = None
 ) -> tuple[list[Arg], list[Arg]]:
-    """The reservation's keys and arguments (K and A of `RESERVE_FUNCTION`), after `validate`."""
+    """The reservation's keys and arguments (K and A of `RESERVE_FUNCTION`), after `validate`.
+
+    `nonce` makes this reservation's impressions distinct from any other's in the same millisecond: random
+    by default; a caller holding random bits unique to this reservation (its decision's) can pass them and
+    save a system call per reservation."""
     scope_no: dict[str, int] = {}  # scope -> its 1-based number in the script
     longest: dict[str, int] = {}
     for cand in candidates:
         for cap in cand.caps:
             scope_no.setdefault(cap.scope, len(scope_no) + 1)
             longest[cap.scope] = max(longest.get(cap.scope, 0), cap.window_s)
-    args: list[Arg] = [now_ms, limit, secrets.token_hex(8), SUPPRESSION_TTL_S, len(scope_no)]
+    args: list[Arg] = [now_ms, limit, nonce or secrets.token_hex(8), SUPPRESSION_TTL_S, len(scope_no)]
     for scope in scope_no:
         args += [scope, longest[scope]]
     for cand in candidates:

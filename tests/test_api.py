@@ -123,6 +123,21 @@ def test_what_a_refresh_froze_is_collectable_again_once_the_app_stops(redis_url,
     assert gc.get_freeze_count() == 0
 
 
+def test_the_app_collects_young_objects_at_its_own_threshold_and_gives_the_old_one_back(
+    redis_url, keys, shop_dir, registry_copy
+):
+    """A batch keeps hundreds of recipients' objects alive for a few milliseconds: at CPython's default young
+    threshold (700) each is scanned and promoted several times before it dies; the runtime raises it while it
+    runs (NEXTBEST_GC_YOUNG_OBJECTS) and restores the process's own on stop."""
+    load_shop(redis_url, keys, shop_dir)
+    before = gc.get_threshold()
+    settings = _settings(registry_copy.root, keys, gc_young_objects=12_345)
+    with TestClient(create_app(settings, redis_url=redis_url)) as c:
+        assert c.get("/readyz").status_code == 200
+        assert gc.get_threshold() == (12_345, *before[1:])
+    assert gc.get_threshold() == before
+
+
 def test_health_readiness_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

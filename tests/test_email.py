@@ -570,6 +570,28 @@ def test_offer_slots_follow_the_email_channel_cap_and_consent(offer_client, shop
     assert any(w["action"] == "weekly_deal" for w in rewards)
 
 
+def test_a_batch_names_each_offers_decision_and_marks_each_reservation_with_its_random_half(
+    offer_client, shop, redis_url, keys
+):
+    customers = shop.customers.set_index("customer_id")
+    consenting = [c for c in _buyers(shop, 200) if bool(customers.loc[c, "consent_email"])][:20]
+    lines = _batch(offer_client, "n1", consenting)
+    signer = ClickSigner.from_setting(KEYS_SETTING)
+    offer_ids = {}
+    for line in lines:
+        (offer,) = [s for s in line["content"]["slots"] if s["type"] == "offer"]
+        offer_ids[line["customer_id"]] = signer.verify(_token(offer["click_url"])).decision_id
+    # One decision id per recipient's offers, not the products' one, and every one different.
+    assert len(set(offer_ids.values())) == len(consenting)
+    assert not set(offer_ids.values()) & {line["content"]["decision_id"] for line in lines}
+    # Each impression the reservation recorded is '<ms>:<the decision id's random 80 bits>:<offer>'.
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for customer, decision_id in offer_ids.items():
+        (member,) = client.zrange(keys.caps(customer, "channel:email"), 0, -1)
+        ms, nonce, offer = str(member).split(":")
+        assert (nonce, offer) == (decision_id[-16:], "weekly_deal") and ms.isdigit()
+
+
 def test_erasure_deletes_stored_email_content(client, shop, redis_url, keys):
     customer = _buyers(shop, 1)[0]
     _slots(client, "wk48", customer)
