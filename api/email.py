@@ -22,10 +22,10 @@ from api.offers import (
     OfferAnswer,
     OfferPlan,
     OfferRequest,
-    cap_candidates,
     offers_decision,
     plan_offers,
     propensities_many,
+    reservation_template_of,
     settle,
 )
 from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable, with_offers
@@ -33,7 +33,7 @@ from engine.ids import new_decision_ids
 from engine.pipeline import Request, recommend, recommend_many
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
-from feature_store.caps import Reservation, reservation_keys_args, validate
+from feature_store.caps import Reservation, template_keys_args
 from feature_store.email_store import EmailRead, EmailStore, profile_of
 from feature_store.profiles import ProfileDecodeError
 from feature_store.resp import Arg
@@ -151,11 +151,8 @@ class EmailSlots:
             if offer_req is not None and plan is not None and plan.ranked and not plan.store_down:
                 products = self._content(reqs[j], decision, None, now_ms)
                 built.append((products, None))
-                candidates = cap_candidates(rt, offer_req, list(plan.ranked))
-                validate(offer_req.customer_id, candidates, offer_req.limit, now_ms)
-                call = reservation_keys_args(
-                    rt.keys, offer_req.customer_id, candidates, offer_req.limit, now_ms, plan.decision_id[-16:]
-                )
+                template = reservation_template_of(rt, offer_req, plan.ranked)
+                call = template_keys_args(template, rt.keys, offer_req.customer_id, now_ms, plan.decision_id[-16:])
                 offered = [(r.offer_id, r.priority_class) for r in plan.ranked]
                 pending_bytes = replace(products, offers_decision_id=plan.decision_id).with_pending_offers(offered)
                 writes.append((reqs[j].customer_id, campaign, pending_bytes, ttl, call))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from engine.ids import new_decision_id
 from engine.offers import Customer, RankedOffer, arbitrate, models_to_score, referenced_models
 from engine.offers_config import Offer
 from engine.types import Context, Decision, Profile, ShownItem
-from feature_store.caps import Candidate, Cap, Reservation, reserve
+from feature_store.caps import Candidate, Cap, Reservation, ReservationTemplate, reservation_template, reserve
 from feature_store.resp import RespConnectionError, RespError
 
 if TYPE_CHECKING:
@@ -240,6 +241,24 @@ def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer
             cached = _CANDIDATES[(r.offer_id, req.channel)] = (offer, _candidate(r.offer_id, offer, req.channel))
         out.append(cached[1])
     return out
+
+
+# The reservation template of each candidate list a channel's requests have had (`reservation_template_of`).
+_TEMPLATES: dict[tuple[str, int, tuple[str, ...]], tuple[list[Candidate], ReservationTemplate]] = {}
+
+
+def reservation_template_of(runtime: Runtime, req: OfferRequest, ranked: Sequence[RankedOffer]) -> ReservationTemplate:
+    """The cap reservation's template of these ranked offers, made once per candidate list and rules (a batch's
+    recipients share a few lists); ValueError if the rules' caps are malformed."""
+    candidates = cap_candidates(runtime, req, list(ranked))
+    key = (req.channel, req.limit, tuple(c.offer_id for c in candidates))
+    cached = _TEMPLATES.get(key)
+    # The candidates are the rules' own objects (cap_candidates), new ones only when the rules changed.
+    if cached is None or any(a is not b for a, b in zip(cached[0], candidates, strict=True)):
+        if len(_TEMPLATES) > 4096:  # many reloads or many lists: start again
+            _TEMPLATES.clear()
+        cached = _TEMPLATES[key] = (candidates, reservation_template(candidates, req.limit))
+    return cached[1]
 
 
 async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> Reservation | None:

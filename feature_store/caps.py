@@ -132,10 +132,18 @@ def _check_positive(value: int, what: str) -> None:
 
 
 def validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int) -> None:
+    _check_call(customer_id, now_ms)
+    _check_candidates(candidates, limit)
+
+
+def _check_call(customer_id: str, now_ms: int) -> None:
     _check_name(customer_id, "customer_id")
-    _check_positive(limit, "limit")
     if isinstance(now_ms, bool) or not isinstance(now_ms, int) or now_ms < 0:
         raise ValueError(f"now_ms must be an integer >= 0, got {now_ms!r}")
+
+
+def _check_candidates(candidates: Sequence[Candidate], limit: int) -> None:
+    _check_positive(limit, "limit")
     seen: set[str] = set()
     for i, cand in enumerate(candidates):
         _check_name(cand.offer_id, f"candidates[{i}].offer_id")
@@ -151,29 +159,56 @@ def validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_
             _check_positive(cap.window_s, f"{where}: caps[{j}].window_s")
 
 
-def reservation_keys_args(
-    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int, nonce: str | None = None
-) -> tuple[list[Arg], list[Arg]]:
-    """The reservation's keys and arguments (K and A of `RESERVE_FUNCTION`), after `validate`.
+@dataclass(frozen=True, slots=True)
+class ReservationTemplate:
+    """What a reservation's keys and arguments owe to its candidates and limit alone, checked and spelled out
+    once (`reservation_template`): a pre-send batch reserves the same few candidate lists for thousands of
+    customers, and only the customer's keys, the time and the nonce differ."""
 
-    `nonce` makes this reservation's impressions distinct from any other's in the same millisecond: random
-    by default; a caller holding random bits unique to this reservation (its decision's) can pass them and
-    save a system call per reservation."""
+    scopes: tuple[str, ...]  # the cap scopes in the script's numbering (one cap key each)
+    limit: str
+    tail: tuple[str, ...]  # A[5:] of `RESERVE_FUNCTION`: scope count, per scope ..., per candidate ...
+
+
+def reservation_template(candidates: Sequence[Candidate], limit: int) -> ReservationTemplate:
+    """The candidates' and limit's part of a reservation; ValueError naming what is wrong with them."""
+    _check_candidates(candidates, limit)
     scope_no: dict[str, int] = {}  # scope -> its 1-based number in the script
     longest: dict[str, int] = {}
     for cand in candidates:
         for cap in cand.caps:
             scope_no.setdefault(cap.scope, len(scope_no) + 1)
             longest[cap.scope] = max(longest.get(cap.scope, 0), cap.window_s)
-    args: list[Arg] = [now_ms, limit, nonce or secrets.token_hex(8), SUPPRESSION_TTL_S, len(scope_no)]
+    tail: list[object] = [len(scope_no)]
     for scope in scope_no:
-        args += [scope, longest[scope]]
+        tail += [scope, longest[scope]]
     for cand in candidates:
-        args += [cand.offer_id, cand.suppress_after or 0, len(cand.caps)]
+        tail += [cand.offer_id, cand.suppress_after or 0, len(cand.caps)]
         for cap in cand.caps:
-            args += [scope_no[cap.scope], cap.limit, cap.window_s]
-    cap_keys_ = [keys.caps(customer_id, scope) for scope in scope_no]
-    return [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id), *cap_keys_], args
+            tail += [scope_no[cap.scope], cap.limit, cap.window_s]
+    return ReservationTemplate(tuple(scope_no), str(limit), tuple(str(x) for x in tail))
+
+
+def template_keys_args(
+    template: ReservationTemplate, keys: Keys, customer_id: str, now_ms: int, nonce: str | None = None
+) -> tuple[list[Arg], list[Arg]]:
+    """The reservation's keys and arguments (K and A of `RESERVE_FUNCTION`) for one customer at `now_ms`.
+
+    `nonce` makes this reservation's impressions distinct from any other's in the same millisecond: random
+    by default; a caller holding random bits unique to this reservation (its decision's) can pass them and
+    save a system call per reservation."""
+    _check_call(customer_id, now_ms)
+    named: list[Arg] = [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id)]
+    named += [keys.caps(customer_id, scope) for scope in template.scopes]
+    args: list[Arg] = [now_ms, template.limit, nonce or secrets.token_hex(8), SUPPRESSION_TTL_S, *template.tail]
+    return named, args
+
+
+def reservation_keys_args(
+    keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int, nonce: str | None = None
+) -> tuple[list[Arg], list[Arg]]:
+    """`template_keys_args` of these candidates and limit (ValueError if any input is malformed)."""
+    return template_keys_args(reservation_template(candidates, limit), keys, customer_id, now_ms, nonce)
 
 
 def reservation_of(reply: Sequence[Any]) -> Reservation:

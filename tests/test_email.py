@@ -592,6 +592,33 @@ def test_a_batch_names_each_offers_decision_and_marks_each_reservation_with_its_
         assert (nonce, offer) == (decision_id[-16:], "weekly_deal") and ms.isdigit()
 
 
+def test_a_batch_reserves_with_the_caps_of_the_rules_in_force_after_an_edit(
+    redis_url, keys, shop_dir, registry_root, shop, tmp_path
+):
+    """A batch spells a candidate list's cap arguments out once and keeps them; an edit of the rules (here the
+    email channel cap from 1 to 2 a week) must reach the next batch without a restart."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(OFFER_RULES, encoding="utf-8")
+    load_shop(redis_url, keys, shop_dir)
+    customers = shop.customers.set_index("customer_id")
+    consenting = [c for c in _buyers(shop, 200) if bool(customers.loc[c, "consent_email"])][:10]
+
+    def offered(c: TestClient, campaign: str) -> int:
+        lines = _batch(c, campaign, consenting)
+        return sum(s["type"] == "offer" for line in lines for s in line["content"]["slots"])
+
+    with TestClient(create_app(_settings(registry_root, keys, rules_file=rules), redis_url=redis_url)) as c:
+        assert offered(c, "w1") == len(consenting)
+        assert offered(c, "w2") == 0  # one email offer a week
+        rules.write_text(OFFER_RULES.replace("limit: 1, window: 7d", "limit: 2, window: 7d"), encoding="utf-8")
+        deadline = time.monotonic() + 5
+        while c.app.state.runtime.rules.offers["weekly_deal"].caps[0].limit != 2:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the edited rules were not loaded"
+            time.sleep(0.05)
+        assert offered(c, "w3") == len(consenting)  # the second of the week
+        assert offered(c, "w4") == 0
+
+
 def test_erasure_deletes_stored_email_content(client, shop, redis_url, keys):
     customer = _buyers(shop, 1)[0]
     _slots(client, "wk48", customer)
