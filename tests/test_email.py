@@ -24,11 +24,16 @@ import httpx
 import orjson
 import pytest
 import redis
+from babel.numbers import format_currency
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.app import create_app
+from api.email_render import _formatter, format_price
 from api.settings import Settings
 from api.signing import ClickSigner, ClickToken, InvalidTokenError
+from engine.rules import DEFAULT_RULES_FILE, load_rules
 from feature_store.keys import Keys
 from feature_store.server import EmbeddedRedis
 from tests.clear_text import in_clear
@@ -150,6 +155,30 @@ def test_a_price_change_shows_in_the_next_rendering_of_stored_content(client, sh
     rate = 0.86 if again["currency"] == "GBP" else 1.0
     assert now["price"] == pytest.approx(round(1234.5 * rate, 2)) != slot["price"]
     assert now["title"] == slot["title"] and now["click_url"] == slot["click_url"]
+
+
+_BUNDLED_FORMATS = sorted({(f.currency, f.locale) for f in load_rules(DEFAULT_RULES_FILE).email.countries.values()})
+# Formats the fast path must leave to babel (Indian grouping, Arabic marks and separators) or get right
+# with other separators and decimals (Swiss apostrophe, no decimals, three decimals).
+_OTHER_FORMATS = [("INR", "en_IN"), ("EGP", "ar_EG"), ("CHF", "de_CH"), ("JPY", "ja_JP"), ("KWD", "ar_KW")]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    cents=st.integers(0, 10**11),
+    fmt=st.sampled_from(_BUNDLED_FORMATS + _OTHER_FORMATS),
+)
+def test_a_price_is_spelled_exactly_as_babel_spells_it(cents, fmt):
+    currency, locale = fmt
+    amount = cents / 100  # the renderer rounds converted prices to cents
+    assert format_price.__wrapped__(amount, currency, locale) == format_currency(amount, currency, locale=locale)
+
+
+def test_the_bundled_price_formats_take_the_fast_path_and_indian_grouping_takes_babel():
+    assert all(_formatter(currency, locale) is not None for currency, locale in _BUNDLED_FORMATS)
+    assert _formatter("INR", "en_IN") is None  # 12,34,567.89: groups of two after the first three
+    assert format_price.__wrapped__(1_234_567.89, "INR", "en_IN") == "₹12,34,567.89"
+    assert format_price.__wrapped__(1_234_567.89, "EUR", "fr_FR") == "1\u202f234\u202f567,89\xa0€"
 
 
 def test_no_item_twice_across_slots_and_the_category_cap_holds(client, shop):
