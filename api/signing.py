@@ -77,6 +77,9 @@ class ClickSigner:
             raise SigningConfigError("at least one signing key is needed")
         self.keys = keys
         self._macs = {kid: _HmacSha256(secret) for kid, secret in keys}
+        # What every new link starts with and is signed under: the first key's id, then a dot.
+        self._head = f"{keys[0][0]}.".encode()
+        self._signing = self._macs[keys[0][0]]
         self.ephemeral = ephemeral  # a random key made at start: links die with the process
 
     @classmethod
@@ -113,9 +116,8 @@ class ClickSigner:
         self, decision_id: str, campaign_id: str, position: int, kind: str, target: str, expires_at: int
     ) -> str:
         """`sign` of the token with these fields, without building it (five links per email add up)."""
-        kid = self.keys[0][0]
-        payload = _b64(orjson.dumps([decision_id, campaign_id, position, kind[0], target, expires_at]))
-        return f"{kid}.{payload.decode()}.{_b64(self._mac(kid, payload)).decode()}"
+        signed = self._head + _b64(orjson.dumps([decision_id, campaign_id, position, kind[0], target, expires_at]))
+        return (signed + b"." + _b64(self._signing.digest(signed)[:SIGNATURE_BYTES])).decode()
 
     def verify(self, text: str, now: float | None = None) -> ClickToken:
         parts = text.split(".")
