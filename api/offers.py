@@ -229,7 +229,7 @@ async def log_offers(
 _CANDIDATES: dict[tuple[str, str], tuple[Offer, Candidate]] = {}
 
 
-def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer]) -> list[Candidate]:
+def cap_candidates(runtime: Runtime, req: OfferRequest, ranked: Sequence[RankedOffer]) -> list[Candidate]:
     offers = runtime.rules.offers
     out = []
     for r in ranked:
@@ -250,7 +250,7 @@ _TEMPLATES: dict[tuple[str, int, tuple[str, ...]], tuple[list[Candidate], Reserv
 def reservation_template_of(runtime: Runtime, req: OfferRequest, ranked: Sequence[RankedOffer]) -> ReservationTemplate:
     """The cap reservation's template of these ranked offers, made once per candidate list and rules (a batch's
     recipients share a few lists); ValueError if the rules' caps are malformed."""
-    candidates = cap_candidates(runtime, req, list(ranked))
+    candidates = cap_candidates(runtime, req, ranked)
     key = (req.channel, req.limit, tuple(c.offer_id for c in candidates))
     cached = _TEMPLATES.get(key)
     # The candidates are the rules' own objects (cap_candidates), new ones only when the rules changed.

@@ -131,11 +131,6 @@ def _check_positive(value: int, what: str) -> None:
         raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
 
 
-def validate(customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int) -> None:
-    _check_call(customer_id, now_ms)
-    _check_candidates(candidates, limit)
-
-
 def _check_call(customer_id: str, now_ms: int) -> None:
     _check_name(customer_id, "customer_id")
     if isinstance(now_ms, bool) or not isinstance(now_ms, int) or now_ms < 0:
@@ -198,6 +193,12 @@ def template_keys_args(
     by default; a caller holding random bits unique to this reservation (its decision's) can pass them and
     save a system call per reservation."""
     _check_call(customer_id, now_ms)
+    return _keys_args(template, keys, customer_id, now_ms, nonce)
+
+
+def _keys_args(
+    template: ReservationTemplate, keys: Keys, customer_id: str, now_ms: int, nonce: str | None
+) -> tuple[list[Arg], list[Arg]]:
     named: list[Arg] = [keys.cap_scopes(customer_id), keys.offer_ignored(customer_id)]
     named += [keys.caps(customer_id, scope) for scope in template.scopes]
     args: list[Arg] = [now_ms, template.limit, nonce or secrets.token_hex(8), SUPPRESSION_TTL_S, *template.tail]
@@ -207,8 +208,10 @@ def template_keys_args(
 def reservation_keys_args(
     keys: Keys, customer_id: str, candidates: Sequence[Candidate], limit: int, now_ms: int, nonce: str | None = None
 ) -> tuple[list[Arg], list[Arg]]:
-    """`template_keys_args` of these candidates and limit (ValueError if any input is malformed)."""
-    return template_keys_args(reservation_template(candidates, limit), keys, customer_id, now_ms, nonce)
+    """`template_keys_args` of these candidates and limit (ValueError if any input is malformed, the customer
+    and the time checked first)."""
+    _check_call(customer_id, now_ms)
+    return _keys_args(reservation_template(candidates, limit), keys, customer_id, now_ms, nonce)
 
 
 def reservation_of(reply: Sequence[Any]) -> Reservation:
@@ -235,10 +238,10 @@ async def reserve(
     One script run (one round trip, one Cluster slot): a granted offer's impression is recorded in each
     of its cap scopes and its ignored count goes up, before the next candidate is checked.
     """
-    validate(customer_id, candidates, limit, now_ms)
+    call = _reserve_call(keys, customer_id, candidates, limit, now_ms)  # checks every input (ValueError)
     if not candidates:
         return Reservation(granted=(), refused={})
-    (reply,) = await client.run_script(RESERVE, [_reserve_call(keys, customer_id, candidates, limit, now_ms)])
+    (reply,) = await client.run_script(RESERVE, [call])
     return reservation_of(reply)
 
 
@@ -246,9 +249,9 @@ async def reserve_many(
     client: RedisClient, keys: Keys, requests: Sequence[tuple[str, Sequence[Candidate], int]], now_ms: int
 ) -> list[Reservation]:
     """`reserve` for many customers (customer, candidates, limit) in one round trip, one script run each."""
-    for customer_id, candidates, limit in requests:
-        validate(customer_id, candidates, limit, now_ms)
-    calls = [_reserve_call(keys, cid, cands, limit, now_ms) for cid, cands, limit in requests if cands]
+    # Every request's call is built (and so checked) before anything is sent: a bad one changes nothing.
+    built = [_reserve_call(keys, cid, cands, limit, now_ms) for cid, cands, limit in requests]
+    calls = [call for call, (_, cands, _) in zip(built, requests, strict=True) if cands]
     replies = iter(await client.run_script(RESERVE, calls) if calls else [])
     out = []
     for _, candidates, _ in requests:
