@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from api import metrics
@@ -154,7 +154,7 @@ class EmailSlots:
                 template = reservation_template_of(rt, offer_req, plan.ranked)
                 call = template_keys_args(template, rt.keys, offer_req.customer_id, now_ms, plan.decision_id[-16:])
                 offered = [(r.offer_id, r.priority_class) for r in plan.ranked]
-                pending_bytes = replace(products, offers_decision_id=plan.decision_id).with_pending_offers(offered)
+                pending_bytes = products.with_pending_offers(offered, plan.decision_id)
                 writes.append((reqs[j].customer_id, campaign, pending_bytes, ttl, call))
             else:
                 offers = settle(plan, offer_req, Reservation(granted=(), refused={})) if offer_req and plan else None

@@ -54,18 +54,17 @@ local function reserve(K, A)
   local now, limit, nonce, ignored_ttl = tonumber(A[1]), tonumber(A[2]), A[3], tonumber(A[4])
   local function since(window_s) return string.format('%d', now - window_s * 1000) end
 
-  -- Trim each scope once, by the longest window any call has declared for it, so that a call knowing
-  -- only a short cap never throws away what a longer cap of the same scope still has to count.
-  local names, longest = {}, {}
-  local a = 6
-  for s = 1, tonumber(A[5]) do
-    local window = tonumber(A[a + 1])
-    local known = tonumber(redis.call('HGET', index_key, A[a]) or '0')
-    if known > window then window = known end
-    names[s], longest[s] = A[a], window
-    redis.call('ZREMRANGEBYSCORE', K[2 + s], '-inf', since(window))
-    a = a + 2
+  -- Each scope's longest window: the longest any call has declared for it (one HMGET of the index), so
+  -- that a call knowing only a short cap never throws away what a longer cap of the same scope still
+  -- has to count.
+  local n_scopes, names, longest, grown = tonumber(A[5]), {}, {}, {}
+  for s = 1, n_scopes do names[s] = A[4 + 2 * s] end
+  local known = n_scopes > 0 and redis.call('HMGET', index_key, unpack(names)) or {}
+  for s = 1, n_scopes do
+    local window, stored = tonumber(A[5 + 2 * s]), tonumber(known[s] or '0')
+    longest[s], grown[s] = math.max(window, stored), window > stored
   end
+  local a = 6 + 2 * n_scopes
 
   local granted, refused, touched, is_touched = {}, {}, {}, {}
   while a <= #A and #granted < limit do
@@ -102,14 +101,20 @@ local function reserve(K, A)
   end
 
   if #granted > 0 then
+    -- A scope that gained an impression drops what its longest window no longer counts (counting looks
+    -- only inside each cap's window, so a scope nothing was added to can wait: its key expires with its
+    -- longest window after its last impression) and lives that long; the index learns longer windows.
+    local grew, top = {}, 0
     for _, s in ipairs(touched) do
-      redis.call('HSET', index_key, names[s], longest[s])
+      redis.call('ZREMRANGEBYSCORE', K[2 + s], '-inf', since(longest[s]))
       redis.call('EXPIRE', K[2 + s], longest[s])
+      if grown[s] then grew[#grew + 1] = names[s]; grew[#grew + 1] = longest[s] end
+      if longest[s] > top then top = longest[s] end
     end
-    -- The index outlives every cap key it lists, so erasure can always find them.
-    local ttl = 0
-    for _, w in ipairs(redis.call('HVALS', index_key)) do ttl = math.max(ttl, tonumber(w)) end
-    if ttl > 0 then redis.call('EXPIRE', index_key, ttl) end
+    if #grew > 0 then redis.call('HSET', index_key, unpack(grew)) end
+    -- The index outlives every cap key it lists, so erasure can always find them: it already outlives the
+    -- keys not touched here, and now lives at least as long as the longest one touched.
+    if redis.call('TTL', index_key) < top then redis.call('EXPIRE', index_key, top) end
     redis.call('EXPIRE', ignored_key, ignored_ttl)
   end
   return {granted, refused}

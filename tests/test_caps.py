@@ -274,6 +274,30 @@ def test_every_key_the_script_creates_has_a_ttl_under_the_customer_hash_tag(redi
         assert expected[key] - 5 <= ttl <= expected[key], key
 
 
+def test_the_index_outlives_its_cap_keys_and_a_scope_keeps_what_its_longest_window_counts(redis_url, keys, r):
+    """Later calls that touch only short scopes, or know a scope only by a short cap, never let the index
+    expire before a cap key it lists, nor drop an impression a longer cap of the same scope still counts."""
+    monthly = _offer("m", Cap("offer:m", 5, 30 * DAY), Cap("class:marketing", 9, 7 * DAY))
+    hourly = _offer("h", Cap("offer:h", 5, HOUR), Cap("class:marketing", 9, HOUR))
+    assert run(_reserve(redis_url, keys, "c8", [monthly], 1, T0)).granted == ("m",)
+    for k in range(1, 4):  # three days later, each day: only the hourly offer
+        assert run(_reserve(redis_url, keys, "c8", [hourly], 1, T0 + k * DAY * 1000)).granted == ("h",)
+    index = keys.cap_scopes("c8")
+    assert {f.decode(): int(w) for f, w in r.hgetall(index).items()} == {
+        "offer:m": 30 * DAY,
+        "class:marketing": 7 * DAY,  # the hourly calls did not shorten it
+        "offer:h": HOUR,
+    }
+    listed = [keys.caps("c8", s) for s in ("offer:m", "class:marketing", "offer:h")]
+    assert all(0 < r.ttl(key) <= r.ttl(index) for key in listed)
+    assert r.ttl(index) > 30 * DAY - 5
+    # The monthly impression and the three hourly ones still count within the class's week.
+    assert run(_usage(redis_url, keys, "c8", "class:marketing", 7 * DAY, T0 + 3 * DAY * 1000)) == 4
+    # A week later the class drops what no cap of it counts any more when it next gains an impression.
+    assert run(_reserve(redis_url, keys, "c8", [hourly], 1, T0 + 9 * DAY * 1000)).granted == ("h",)
+    assert r.zcard(keys.caps("c8", "class:marketing")) == 2  # day 3's and day 9's
+
+
 def test_erasure_finds_every_key_the_caps_create(redis_url, keys, r):
     offers = [_offer("a", Cap("offer:a", 2, HOUR), Cap("channel:sms", 1, DAY), suppress_after=2)]
     run(_reserve(redis_url, keys, "c9", offers, 1, T0))
