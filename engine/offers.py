@@ -147,17 +147,19 @@ def arbitrate(
     ranked: list[RankedOffer] = []
     refused: dict[str, str] = {}
     for offer_id, offer in offers.items():
+        reason = refusals[offer_id]
+        if reason is not None:  # a hard filter: nothing else about the offer matters
+            refused[offer_id] = reason
+            continue
         model = offer.propensity_model
         scored = model in customer.propensities
         propensity = customer.propensities[model] if scored else settings.default_propensity
-        reason = refusals[offer_id]
-        if reason is None and propensity < offer.eligibility.min_propensity:
-            reason = f"propensity {propensity:.3f} below {offer.eligibility.min_propensity:g}"
+        if propensity < offer.eligibility.min_propensity:
+            refused[offer_id] = f"propensity {propensity:.3f} below {offer.eligibility.min_propensity:g}"
+            continue
         value = _value(offer, catalog)
-        if reason is None and value is None:
-            reason = f"value: item {offer.value.margin_of} not in the catalog"
-        if reason is not None or value is None:
-            refused[offer_id] = reason or "no value"
+        if value is None:
+            refused[offer_id] = f"value: item {offer.value.margin_of} not in the catalog"
             continue
         weight = offer.context_weights.get(kind, 1.0)  # type: ignore[call-overload,unused-ignore]
         ranked.append(
