@@ -29,6 +29,7 @@ from api.offers import (
     settle,
 )
 from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable, with_offers
+from engine.fastinit import fast_init
 from engine.ids import new_decision_ids
 from engine.pipeline import Request, recommend, recommend_many
 from engine.state import ServingState
@@ -52,6 +53,7 @@ DECIDE_TOGETHER = 64
 STORE_DOWN = ("redis_unavailable", "redis_circuit_open")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SlotsRequest:
     campaign_id: str
@@ -60,6 +62,7 @@ class SlotsRequest:
     slots: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EmailAnswer:
     content: EmailContent

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.fastinit import fast_init
 from engine.holdout import in_holdout
 from engine.ids import new_decision_id
 from engine.offers import Customer, RankedOffer, arbitrate, models_to_score, referenced_models
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 GLOBAL_HOLDOUT = "__all_offers__"  # the salt's suffix for the global control group
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OfferRequest:
     customer_id: str
@@ -37,6 +39,7 @@ class OfferRequest:
     context: Context = field(default_factory=Context)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OfferAnswer:
     decision_id: str
@@ -103,6 +106,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OfferPlan:
     """Everything decided before the store is asked for caps: ranked offers that passed the hard filters."""

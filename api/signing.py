@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from engine.fastinit import fast_init
+
 SIGNATURE_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 §5 allows truncation to ≥ 80 bits)
 _KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 MIN_SECRET_LEN = 16
@@ -32,6 +34,7 @@ class InvalidTokenError(ValueError):
     """A click token that is malformed, tampered with, signed by an unknown key, or expired."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClickToken:
     decision_id: str

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.catalog import FloatArray, IntArray
+from engine.fastinit import fast_init
 from engine.state import ServingState
 from engine.types import Context, Profile
 
@@ -34,6 +35,7 @@ _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float32)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Candidates:
     """One source's candidates for a batch: rows ascending, best first within a row."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import orjson
 
+from engine.fastinit import fast_init
 from engine.pipeline import Request, recommend
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
@@ -29,6 +30,7 @@ class ContentDecodeError(ValueError):
     """Stored content that cannot be read back (written by an incompatible version, or damaged)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EmailSlot:
     position: int  # 1-based, products first, then offers
@@ -39,6 +41,7 @@ class EmailSlot:
     score: float = 0.0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EmailContent:
     campaign_id: str

@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.catalog import CatalogState
+from engine.fastinit import fast_init
 from engine.offers_config import CHANNEL_CONSENT, CLASS_RANK, Offer, OfferSettings
 from engine.types import Context
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Customer:
     """What arbitration knows of the customer; `consents` is None for an unknown customer."""
@@ -32,6 +34,7 @@ class Customer:
     has_cart: bool = False  # something in the profile's cart or in the request's context cart
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RankedOffer:
     offer_id: str

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from engine import candidates as cs
 from engine import policies
 from engine.catalog import BoolArray, FloatArray, IntArray
+from engine.fastinit import fast_init
 from engine.ids import decision_rng, new_decision_ids
 from engine.rerank import blend, diversify_rows
 from engine.rules import Exploration, Greedy, Placement, Softmax, ThompsonLift
@@ -46,6 +47,7 @@ GREEDY = Greedy()
 _EMPTY_I = np.empty(0, dtype=np.int64)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Request:
     customer_id: str
@@ -114,6 +116,7 @@ def _gather(
     return out
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Ranked:
     """One row's diversified ranking: the pool the policy picks from and the items the cap left out."""
@@ -263,6 +266,7 @@ def _rank(
     return out
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Picked:
     """One row's shown items, before they become a Decision: the policy's picks, then any backfill."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from engine.fastinit import fast_init
 from engine.rules import EpsilonGreedy, Exploration, Greedy, Softmax, Thompson, ThompsonLift
 
 FloatArray = npt.NDArray[np.float64]
@@ -33,6 +34,7 @@ class Arms:
     expected: FloatArray | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Selection:
     """What a policy chose, slot by slot, and the probability it had of choosing it."""

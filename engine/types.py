@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.fastinit import fast_init
+
 EVENT_TYPES = ("view_item", "add_to_cart", "purchase", "email_open", "email_click")
 CONSENT_CHANNELS = ("email", "sms", "push", "personalization")
 SECONDS_PER_DAY = 86_400
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PurchaseSummary:
     """What a customer bought of one item: how often, and first/last day (days since the Unix epoch)."""
@@ -19,6 +22,7 @@ class PurchaseSummary:
     last_day: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Profile:
     """A customer's live profile as stored in the feature store (a few hundred bytes)."""
@@ -48,6 +52,7 @@ class Profile:
         return tuple(p.item_id for p in self.purchases) + self.cart + self.recent_views
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Context:
     """What the page shows right now: the current item and the cart."""
@@ -60,6 +65,7 @@ class Context:
         return ((self.item_id,) if self.item_id else ()) + self.cart
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ShownItem:
     item_id: str
@@ -81,6 +87,7 @@ class ShadowDecision:
     target_propensities: tuple[float, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The answer for one request, with everything needed to explain and log it."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.fastinit import fast_init
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
 from feature_store.resp import Arg, RedisClient, Script
@@ -36,6 +37,7 @@ class Candidate:
     suppress_after: int | None = None  # None: never suppressed
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Reservation:
     granted: tuple[str, ...]  # offer ids reserved, in candidate order

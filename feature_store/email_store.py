@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.fastinit import fast_init
 from engine.types import Profile
 from feature_store.caps import RESERVE_FUNCTION, Reservation, reservation_of
 from feature_store.keys import Keys
@@ -66,6 +67,7 @@ return ARGV[2]
 """)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EmailRead:
     """What one round trip brings for an email call."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.fastinit import fast_init
 from engine.types import SECONDS_PER_DAY
 from feature_store.keys import Keys
 from feature_store.profiles import MAX_CART, MAX_PURCHASES, MAX_VIEWS, new_pseudonym
@@ -112,6 +113,7 @@ return status
 """)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LiveEvent:
     event_id: str
