@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import pickle
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,23 +25,22 @@ import feature_store.ingest
 from engine.fastinit import fast_init
 
 
-@dataclass(frozen=True, slots=True)
-class Plain:
-    a: int
-    b: str = "b"
-    c: tuple[int, ...] = ()
-    d: dict[str, int] = field(default_factory=dict)
-    e: float = field(default=0.5, kw_only=True)
+def _shape() -> type:
+    """A new class of every kind of field each call: one stays as dataclasses made it, one gets fast_init."""
+
+    @dataclass(frozen=True, slots=True)
+    class Shape:
+        a: int
+        b: str = "b"
+        c: tuple[int, ...] = ()
+        d: dict[str, int] = field(default_factory=dict)
+        e: float = field(default=0.5, kw_only=True)
+
+    return Shape
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
-class Fast:
-    a: int
-    b: str = "b"
-    c: tuple[int, ...] = ()
-    d: dict[str, int] = field(default_factory=dict)
-    e: float = field(default=0.5, kw_only=True)
+Plain: Any = _shape()
+Fast: Any = fast_init(_shape())
 
 
 def _fields(obj: object) -> tuple[object, ...]:
@@ -64,16 +64,16 @@ def test_every_mix_of_given_and_default_arguments_builds_what_the_dataclass_buil
 def test_the_class_keeps_everything_else_the_dataclass_gave_it():
     x = Fast(1, "x", (2,), {"k": 3}, e=1.5)
     assert x == Fast(1, "x", (2,), {"k": 3}, e=1.5) and x != Fast(2)
-    assert repr(x) == "Fast(a=1, b='x', c=(2,), d={'k': 3}, e=1.5)"
+    assert repr(x) == repr(Plain(1, "x", (2,), {"k": 3}, e=1.5))
     with pytest.raises(dataclasses.FrozenInstanceError):
         x.a = 2  # type: ignore[misc]
     assert dataclasses.replace(x, a=7) == Fast(7, "x", (2,), {"k": 3}, e=1.5)
-    assert pickle.loads(pickle.dumps(x)) == x
     shown = engine.types.ShownItem("i1", 1, 0.5, ("als",), 0.25)
+    assert pickle.loads(pickle.dumps(shown)) == shown
     assert hash(shown) == hash(engine.types.ShownItem("i1", 1, 0.5, ("als",), 0.25)) and {shown: 1}[shown] == 1
     assert Fast(1).d == {} and Fast(1).d is not Fast(1).d  # the factory runs per object
     assert str(inspect.signature(Fast)) == str(inspect.signature(Plain))
-    assert Fast.__init__.__qualname__ == "Fast.__init__"
+    assert Fast.__init__.__qualname__ == Plain.__init__.__qualname__
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_a_wrong_call_is_the_type_error_the_dataclass_gives(args, kwargs):
         Fast(*args, **kwargs)
     with pytest.raises(TypeError) as theirs:
         Plain(*args, **kwargs)
-    assert str(ours.value).replace("Fast", "Plain") == str(theirs.value)
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_only_frozen_slotted_dataclasses_without_post_init_are_accepted():
