@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from api.console import print_error
 from api.settings import Settings, get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nextbest: real-time personalization decisions")
@@ -66,7 +67,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    print_error(console, message)
     return typer.Exit(code=2)
 
 

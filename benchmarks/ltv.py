@@ -27,6 +27,7 @@ import typer
 from matplotlib.figure import Figure
 from rich.console import Console
 
+from api.console import print_error
 from benchmarks.ltv_baselines import BgNbd, GammaGamma, bgnbd_gamma_gamma, past_average, published_cdnow_check
 from benchmarks.ltv_data import (
     CalibrationSummary,
@@ -407,5 +408,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
                 label_weeks=label_weeks,
             )
         except (DataError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(console, exc)
             raise typer.Exit(code=2) from exc

@@ -21,6 +21,7 @@ import orjson
 import typer
 from rich.console import Console
 
+from api.console import print_error
 from benchmarks.report import Report, new_figure
 
 if TYPE_CHECKING:
@@ -320,5 +321,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
         try:
             run_memory_bench(console, quick=quick, out_dir=out, seed=seed, shop=shop, redis_url=redis_url)
         except ValueError as exc:  # a bad data file (training.datafiles.DataError) or a non-empty Redis
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(console, exc)
             raise typer.Exit(code=2) from exc

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from scipy import stats
 
+from api.console import print_error
 from benchmarks.report import Report
 from engine.scoring import PropensityModels, load_propensity_models, load_scoring_model
 from training.datafiles import DataError, find_exposures, read_exposures, read_table
@@ -402,5 +403,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
         try:
             run_offer_models_bench(console, quick=quick, out_dir=out, seed=seed, data=data)
         except (DataError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(console, exc)
             raise typer.Exit(code=2) from exc

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 
+from api.console import print_error
 from benchmarks import ope_sim
 from benchmarks.report import Report, new_figure
 from engine import ope
@@ -460,7 +461,7 @@ def register(bench_app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Off-policy evaluation (IPS, SNIPS, DM, DR) of a log, or the estimators' validation on a synthetic shop."""
         if weighting not in ope.WEIGHTINGS:
-            console.print(f"[red]error:[/red] --weighting must be one of {', '.join(ope.WEIGHTINGS)}")
+            print_error(console, f"--weighting must be one of {', '.join(ope.WEIGHTINGS)}")
             raise typer.Exit(code=2)
         try:
             run_ope_bench(
@@ -469,5 +470,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
                 weighting=weighting, max_weight=max_weight,  # type: ignore[arg-type]
             )  # fmt: skip
         except (DataError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            print_error(console, exc)
             raise typer.Exit(code=2) from exc

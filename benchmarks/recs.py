@@ -27,6 +27,7 @@ import typer
 from matplotlib.figure import Figure
 from rich.console import Console
 
+from api.console import print_error
 from benchmarks.rec_data import (
     SPLIT_KINDS,
     RecData,
@@ -735,5 +736,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
                 split=split,
             )
         except (DataError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(console, exc)
             raise typer.Exit(code=2) from exc

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from api.console import print_error
 from benchmarks.regret_sim import (
     Contender,
     FloatArray,
@@ -311,5 +312,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
                 k=slots,
             )
         except (FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            print_error(console, exc)
             raise typer.Exit(2) from exc

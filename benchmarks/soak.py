@@ -31,6 +31,7 @@ import yaml
 from rich.console import Console
 from rich.progress import Progress
 
+from api.console import print_error
 from benchmarks.email import SIGNING_KEYS, _slot_requests
 from benchmarks.ingest import TYPES as EVENT_TYPES
 from benchmarks.latency import bench_root, free_port, load_shop_into, prepare_shop, requests_mix, start_server
@@ -873,5 +874,5 @@ def register(bench_app: typer.Typer, console: Console) -> None:
                 registry_dir=registry,
             )
         except (FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            print_error(console, exc)
             raise typer.Exit(2) from exc

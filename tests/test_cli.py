@@ -1,5 +1,6 @@
 """The nextbest command line, end to end on small data and a real Redis."""
 
+import io
 import shutil
 import subprocess
 import sys
@@ -7,9 +8,11 @@ import sys
 import pandas as pd
 import pytest
 import redis
+from rich.console import Console
 from typer.testing import CliRunner
 
 from api.cli import app
+from api.console import print_error
 from api.settings import get_settings
 
 
@@ -50,13 +53,14 @@ def test_a_bad_row_is_reported_and_nothing_is_loaded(cli_env, tmp_path, shop_dir
     (bad / "events.parquet").unlink()
     lines = (bad / "events.csv").read_text().splitlines()
     cells = lines[41].split(",")
-    cells[2] = "teleport"  # the type column
+    cells[2] = "[bold]teleport"  # the type column, with what rich would read as markup
     lines[41] = ",".join(cells)
     (bad / "events.csv").write_text("\n".join(lines) + "\n")
     r = CliRunner().invoke(app, ["load", "--data", str(bad)])
     assert r.exit_code == 2
-    flat = " ".join(r.output.split())
-    assert "events.csv, line 42, column 'type'" in flat and "teleport" in flat
+    # One line, the path whole however long (never folded at the terminal's width), the value as it is.
+    (line,) = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert f"{bad / 'events.csv'}, line 42, column 'type'" in line and "'[bold]teleport'" in line
     assert _keys_under(redis_url, keys.prefix) == []
 
 
@@ -98,3 +102,16 @@ def test_only_the_bench_command_loads_the_benchmark_modules(args, listed, import
     assert ("benchmarks.regret" in modules.split(",")) is imported, modules
     if listed:
         assert listed in done.stdout.rsplit("imported:", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[Errno 2] No such file or directory: '/var/lib/a/rather/long/folder/name/for/a/narrow/terminal/events.csv'",
+        "events.csv, line 7, column 'type': unknown event type '[bold]x[/bold]' \\",
+    ],
+)
+def test_an_error_is_one_line_with_the_message_exactly_as_given(message: str) -> None:
+    out = io.StringIO()
+    print_error(Console(file=out, width=40), message)
+    assert out.getvalue() == f"error: {message}\n"
