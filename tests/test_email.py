@@ -249,6 +249,33 @@ def test_with_redis_stopped_email_slots_are_bestsellers_with_200(tmp_path, shop_
         server.stop()
 
 
+def test_with_redis_stopped_a_batch_gives_each_recipient_bestsellers_in_its_line(
+    tmp_path, shop_dir, registry_root, shop
+):
+    server = EmbeddedRedis(tmp_path / "own-redis").start()
+    keys = Keys("nb")
+    load_shop(server.url, keys, shop_dir)
+    app = create_app(_settings(registry_root, keys, breaker_reset_s=0.2), redis_url=server.url)
+    customers = _buyers(shop, 20)
+    try:
+        with TestClient(app) as c:
+            assert _slots(c, "wk49", customers[0])["fallback"] is False
+            server.stop()
+            lines = _batch(c, "wk49", [*customers, "bad id", "new-1"])
+    finally:
+        server.stop()
+    assert [line["index"] for line in lines] == list(range(len(customers) + 2))
+    stock = shop.catalog.set_index("item_id")["stock"]
+    assert lines[20]["error"].startswith("recipients[20]") and lines[20]["content"] is None
+    for line in lines[:20] + lines[21:]:
+        body = line["content"]
+        assert line["error"] is None and body["fallback"] is True and body["source"] == "fallback"
+        assert body["fallback_reason"] in {"redis_unavailable", "redis_circuit_open"}
+        items = _items(body)
+        assert len(items) == 4 == len(set(items)) and all(stock[i] > 0 for i in items)
+        assert all(s["click_url"] and s["title"] and s["price_formatted"] for s in body["slots"])
+
+
 def test_html_format_is_a_table_with_titles_prices_and_signed_links(client, shop):
     customer = _buyers(shop, 1)[0]
     body = _slots(client, "wk48", customer)
