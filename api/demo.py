@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from api.readiness import wait_until_ready
 from api.settings import get_settings
@@ -29,7 +31,7 @@ def _show(
     ctx = body.get("context") or {}
     head = f"{body['placement']} for {body['customer_id']}" + (f" (context {ctx})" if ctx else "")
     flag = f" [yellow]fallback: {data['fallback_reason']}[/yellow]" if data.get("fallback") else ""
-    table = Table(title=f"{head}{flag}", title_justify="left")
+    table = Table(title=f"{escape(head)}{flag}", title_justify="left")
     for col in ("#", "item", "title", "category", "price", "score", "p"):
         table.add_column(col)
     table.add_column("reasons", overflow="fold")
@@ -38,18 +40,16 @@ def _show(
         table.add_row(
             str(it["position"]),
             it["item_id"],
-            title,
-            cat,
+            escape(title),
+            escape(cat),
             f"{price:.2f}",
             f"{it['score']:.3f}",
             f"{it['propensity']:.2f}",
             ", ".join(it["reasons"]),
         )
     console.print(table)
-    console.print(
-        f"  [dim]curl -s -X POST {base}/v1/recommendations -H 'content-type: application/json' "
-        f"-d '{orjson.dumps(body).decode()}'[/dim]\n"
-    )
+    _curl(console, f"-X POST {base}/v1/recommendations -H 'content-type: application/json' -d '{_json(body)}'")
+    console.print()
     return data
 
 
@@ -64,7 +64,7 @@ def _show_offers(console: Console, base: str, body: dict[str, Any]) -> None:
         e = o["explanation"]
         table.add_row(
             str(o["position"]),
-            o["title"],
+            escape(o["title"]),
             o["priority_class"],
             f"{o['priority']:.3f}",
             f"{e['propensity']:.3f} ({e['propensity_source']})",
@@ -75,11 +75,9 @@ def _show_offers(console: Console, base: str, body: dict[str, Any]) -> None:
         )
     console.print(table)
     for offer_id, why in sorted(data["not_shown"].items()):
-        console.print(f"  [dim]not shown: {offer_id}: {why}[/dim]")
-    console.print(
-        f"  [dim]curl -s -X POST {base}/v1/offers/next-best -H 'content-type: application/json' "
-        f"-d '{orjson.dumps(body).decode()}'[/dim]\n"
-    )
+        console.print(Text(f"  not shown: {offer_id}: {why}", style="dim"))
+    _curl(console, f"-X POST {base}/v1/offers/next-best -H 'content-type: application/json' -d '{_json(body)}'")
+    console.print()
 
 
 def _show_email(console: Console, base: str, campaign: str, customer: str, out_dir: Path) -> None:
@@ -88,17 +86,40 @@ def _show_email(console: Console, base: str, campaign: str, customer: str, out_d
     data = httpx.get(url, timeout=5.0).json()
     again = httpx.get(url, timeout=5.0).json()
     html = httpx.get(url + "&format=html", timeout=5.0).text
+    path = out_dir / f"demo-email-{customer}.html"
+    path.write_text(html, encoding="utf-8")
+    print_email(console, campaign, customer, data, again, path, url)
+
+
+def print_email(
+    console: Console, campaign: str, customer: str, data: dict[str, Any], again: dict[str, Any], path: Path, url: str
+) -> None:
+    """One recipient's email as the demo shows it: each slot's type, title, price and link, whether a second
+    call returned the same content, and the call itself (one line, to copy)."""
     why = f" — fallback: {data['fallback_reason']}" if data["fallback"] else ""
-    console.print(f"[bold]email '{campaign}' to {customer}[/bold] ({data['locale']}, {data['currency']}){why}")
+    head = Text.assemble((f"email '{campaign}' to {customer}", "bold"), f" ({data['locale']}, {data['currency']}){why}")
+    console.print(head)
     for s in data["slots"]:
         price = f"  {s['price_formatted']}" if s["price_formatted"] else ""
         link = s["click_url"]
-        console.print(f"  {s['position']}. [{s['type']}] {s['title']}{price}  [dim]{link[:60]}…[/dim]")
+        console.print(
+            Text.assemble(f"  {s['position']}. [{s['type']}] {s['title']}{price}  ", (f"{link[:60]}…", "dim"))
+        )
     same = "the same content" if again["slots"] == data["slots"] else "[red]different content[/red]"
-    path = out_dir / f"demo-email-{customer}.html"
-    path.write_text(html, encoding="utf-8")
-    console.print(f"  [dim]a second call (retry, open) returned {same} ({again['source']}); HTML: {path}[/dim]")
-    console.print(f"  [dim]curl -s '{url}'[/dim]\n")
+    console.print(
+        f"  [dim]a second call (retry, open) returned {same} ({again['source']}); HTML: {escape(str(path))}[/dim]"
+    )
+    _curl(console, f"'{url}'")
+    console.print()
+
+
+def _json(body: dict[str, Any]) -> str:
+    return orjson.dumps(body).decode()
+
+
+def _curl(console: Console, args: str) -> None:
+    """A curl command to copy: one line however narrow the terminal (it wraps it, nothing is folded into it)."""
+    console.print(Text(f"  curl -s {args}", style="dim"), soft_wrap=True)
 
 
 def _arm(client: Any, keys: Any, item: str) -> tuple[int, int]:
@@ -124,13 +145,11 @@ def _show_click_effect(
     feedback = {"decision_id": first["decision_id"], "action": clicked["item_id"], "reward": "click"}
     r = httpx.post(f"{base}/v1/feedback", json=feedback, timeout=5)
     console.print(
-        f"[bold]POST /v1/feedback[/bold] {customer} clicks {clicked['item_id']} ({titles[clicked['item_id']][0]}), "
-        f"shown at #{clicked['position']} with p={clicked['propensity']:.2f} -> {r.status_code} {r.json()}"
+        f"[bold]POST /v1/feedback[/bold] {customer} clicks {clicked['item_id']} "
+        f"({escape(titles[clicked['item_id']][0])}), shown at #{clicked['position']} "
+        f"with p={clicked['propensity']:.2f} -> {r.status_code} {escape(str(r.json()))}"
     )
-    console.print(
-        f"  [dim]curl -s -X POST {base}/v1/feedback -H 'content-type: application/json' "
-        f"-d '{orjson.dumps(feedback).decode()}'[/dim]"
-    )
+    _curl(console, f"-X POST {base}/v1/feedback -H 'content-type: application/json' -d '{_json(feedback)}'")
     time.sleep(settings.arms_refresh_s + 0.5)  # every worker re-reads the bandit state each interval
     after = _arm(store, arms_key, clicked["item_id"])
     console.print(
@@ -160,13 +179,10 @@ def _show_event_effect(
     }
     r = httpx.post(f"{base}/v1/events", json=event, timeout=5)
     console.print(
-        f"[bold]POST /v1/events[/bold] {customer} views {item} ({titles[item][0]}, {titles[item][1]}) -> "
-        f"{r.status_code} {r.json()}"
+        f"[bold]POST /v1/events[/bold] {customer} views {item} "
+        f"({escape(titles[item][0])}, {escape(titles[item][1])}) -> {r.status_code} {escape(str(r.json()))}"
     )
-    console.print(
-        f"  [dim]curl -s -X POST {base}/v1/events -H 'content-type: application/json' "
-        f"-d '{orjson.dumps(event).decode()}'[/dim]"
-    )
+    _curl(console, f"-X POST {base}/v1/events -H 'content-type: application/json' -d '{_json(event)}'")
     _show(console, base, home, titles)
 
 
