@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from api.console import print_error
 from api.settings import Settings, get_settings
@@ -31,7 +32,8 @@ registry_app = typer.Typer(no_args_is_help=True, help="Inspect and switch model 
 app.add_typer(registry_app, name="registry")
 log_app = typer.Typer(no_args_is_help=True, help="The decision log: export it for analysis and evaluation")
 app.add_typer(log_app, name="log")
-console = Console()
+# No emoji codes: an API key entry 'esp:email:<hash>' must not print as 'esp✉<hash>'.
+console = Console(emoji=False)
 
 
 def progress_bar() -> Progress:
@@ -314,8 +316,9 @@ def keys_new(
         parse_keys(entry)
     except ApiKeysError as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"key (give it to {name}; it is not stored anywhere): [bold]{key}[/bold]")
-    console.print(f"NEXTBEST_API_KEYS entry (add to the comma-separated list): {entry}")
+    # Each on one line however narrow the terminal: both are copied from here.
+    console.print(Text.assemble(f"key (give it to {name}; it is not stored anywhere): ", (key, "bold")), soft_wrap=True)
+    console.print(Text(f"NEXTBEST_API_KEYS entry (add to the comma-separated list): {entry}"), soft_wrap=True)
 
 
 @app.command()

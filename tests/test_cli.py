@@ -11,6 +11,7 @@ import redis
 from rich.console import Console
 from typer.testing import CliRunner
 
+from api.auth import ApiKeyAuth, parse_keys
 from api.cli import app
 from api.console import print_error
 from api.settings import get_settings
@@ -115,3 +116,16 @@ def test_an_error_is_one_line_with_the_message_exactly_as_given(message: str) ->
     out = io.StringIO()
     print_error(Console(file=out, width=40), message)
     assert out.getvalue() == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("scopes", ["email", "decide,email,ingest,admin"])
+def test_a_new_key_and_its_entry_print_whole_and_the_entry_admits_the_key(scopes: str) -> None:
+    r = CliRunner().invoke(app, ["keys", "new", "--name", "esp", "--scopes", scopes], env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    key_line, entry_line = r.output.splitlines()
+    key = key_line.rsplit(" ", 1)[1]
+    entry = entry_line.rsplit(" ", 1)[1]
+    (parsed,) = parse_keys(entry)  # ':email:' printed as an emoji, or a folded hash, would not parse
+    assert parsed.name == "esp" and parsed.scopes == frozenset(scopes.split(","))
+    auth = ApiKeyAuth(lambda *_: None, [parsed])  # type: ignore[arg-type]
+    assert auth.identify(b"Bearer " + key.encode()) == parsed
