@@ -507,7 +507,7 @@ def log_export(
     if result.recovered:
         console.print(f"completed an interrupted export: {result.recovered:,} entries are in {result.recovered_file}")
     for problem in result.problems:
-        console.print(f"[yellow]skipped[/yellow] {problem}")
+        console.print(Text.assemble(("skipped", "yellow"), " ", problem), soft_wrap=True)  # quotes a bad entry as it is
     if result.file is None:
         console.print("nothing new to export")
         return

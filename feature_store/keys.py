@@ -107,6 +107,11 @@ class Keys:
     def log_export(self) -> str:
         return f"{self.prefix}:{{log}}:export"
 
+    @property
+    def log_unreadable(self) -> str:
+        """Entries of the decision log that an export could not read, kept as they were (stream id and bytes)."""
+        return f"{self.prefix}:{{log}}:unreadable"
+
     def arm_impressions(self, placement: str) -> str:
         return f"{self.prefix}:{{policy:{placement}}}:n"
 

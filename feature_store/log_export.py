@@ -13,6 +13,11 @@ An interruption before step 4 leaves the entries unacknowledged: the next run ex
 and no finished file holds them. An interruption after step 4 is found by the next run from the
 record: the file is there with its checksum, so the entries are acknowledged without being written a
 second time. Either way every entry ends up in exactly one file.
+
+An entry the exporter cannot read (not JSON, or not a decision log document) is not lost either: before
+step 3 it is copied, bytes as they were and under its own stream id, to the stream `{log}:unreadable`
+(named in the export's problems), and then acknowledged with the rest. An interrupted run copies it
+again under the same id, which Redis refuses, so it is kept once.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class ExportResult:
     rows: int = 0
     decisions: int = 0
     rewards: int = 0
-    skipped: int = 0  # unreadable entries, kept out of the file and counted (named in `problems`)
+    skipped: int = 0  # unreadable entries: kept out of the file, copied to `{log}:unreadable`, named in `problems`
     recovered: int = 0  # entries of an interrupted earlier run, acknowledged now (already in its file)
     recovered_file: str | None = None
     problems: list[str] = field(default_factory=list)
@@ -168,6 +173,13 @@ class LogExporter:
             pipe.xdel(self.keys.log_stream, *chunk)
             pipe.execute()
 
+    def _keep_unreadable(self, sid: str, raw: bytes, why: str) -> None:
+        try:
+            self.client.xadd(self.keys.log_unreadable, {ENTRY_FIELD: raw, "why": why}, id=sid)
+        except redis.ResponseError as exc:
+            if "equal or smaller" not in str(exc):  # not kept by an interrupted earlier run: a real failure
+                raise
+
     def _pending_ids(self, first: str, last: str) -> list[str]:
         ids: list[str] = []
         cursor = first
@@ -214,6 +226,7 @@ class LogExporter:
         if not entries:
             return result
         rows: list[dict[str, Any]] = []
+        unreadable: list[tuple[str, bytes, str]] = []
         for sid, fields in entries:
             raw = fields.get(ENTRY_FIELD.encode()) if fields else None
             if raw is None:
@@ -223,13 +236,16 @@ class LogExporter:
                 doc = orjson.loads(raw)
                 new_rows = list(_rows(sid, doc))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                result.skipped += 1
-                result.problems.append(f"stream entry {sid}: unreadable ({type(exc).__name__}: {exc})")
+                unreadable.append((sid, raw, f"{type(exc).__name__}: {exc}"))
                 continue
             rows += new_rows
             result.decisions += doc["kind"] == "decision"
             result.rewards += doc["kind"] == "reward"
         result.entries, result.rows = len(entries), len(rows)
+        for sid, raw, why in unreadable:
+            self._keep_unreadable(sid, raw, why)
+            result.skipped += 1
+            result.problems.append(f"stream entry {sid}: unreadable ({why}); kept in {self.keys.log_unreadable}")
         partial = out.with_name(out.name + ".partial")
         if fault:
             fault("write")

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import Settings
+from feature_store.decision_log import ENTRY_FIELD
 from feature_store.log_export import ExportError, LogExporter
 from tests.clear_text import in_clear
 from tests.conftest import load_shop
@@ -219,6 +220,35 @@ def test_an_interrupted_export_rerun_loses_and_duplicates_nothing(client, r, key
         .unique()
     ]
     assert sorted(exported) == sorted(ids)  # every decision exactly once, across files
+    assert r.xlen(keys.log_stream) == 0
+
+
+@pytest.mark.parametrize("step", [None, "write", "rename", "ack"])
+def test_an_unreadable_entry_is_kept_once_under_its_id_and_the_rest_is_exported(client, r, keys, tmp_path, step):
+    first = _decide(client, "c1", limit=3)["decision_id"]
+    garbage = {
+        r.xadd(keys.log_stream, {ENTRY_FIELD: b"{not json"}).decode(): b"{not json",
+        r.xadd(keys.log_stream, {ENTRY_FIELD: b'{"kind": "decision"}'}).decode(): b'{"kind": "decision"}',
+    }
+    last = _decide(client, "c2", limit=3)["decision_id"]
+
+    def crash_at(name: str) -> None:
+        if name == step:
+            raise CrashError(name)
+
+    if step is not None:  # an interrupted run first: the rerun must neither lose nor double what it kept
+        with pytest.raises(CrashError):
+            _export(r, keys, tmp_path / "a.parquet", fault=crash_at)
+    result = _export(r, keys, tmp_path / "b.parquet")
+    files = [f for f in (tmp_path / "a.parquet", tmp_path / "b.parquet") if f.exists()]
+    exported = set().union(*(set(pq.read_table(f).to_pandas()["decision_id"]) for f in files))
+    assert exported == {first, last}
+    kept = r.xrange(keys.log_unreadable)
+    assert {sid.decode(): fields[ENTRY_FIELD.encode()] for sid, fields in kept} == garbage
+    assert all(fields[b"why"] for _, fields in kept)
+    if step in (None, "write", "rename"):  # the rerun read the entries again and names the ones it kept
+        assert result.skipped == 2
+        assert all(any(sid in p and keys.log_unreadable in p for p in result.problems) for sid in garbage)
     assert r.xlen(keys.log_stream) == 0
 
 
