@@ -258,7 +258,7 @@ class Report:
 
     def print(self, console: Console | None = None) -> None:
         """The tables and texts on the terminal; figures are only named (they live in the files)."""
-        console = console or Console()
+        console = console or Console(emoji=False)  # a value like "a:email:b" stays as it is
         console.rule(Text(self.title, style="bold"))
         for section in self._sections:
             if isinstance(section, _Text):
