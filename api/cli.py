@@ -329,9 +329,17 @@ def demo(
     port: int = 8000,
 ) -> None:
     """Generate a shop, train, load Redis, serve on 127.0.0.1 and show real decisions."""
-    from api.demo import run_demo
+    from api.demo import port_in_use, run_demo
+    from api.readiness import ServerNotReadyError
 
-    run_demo(console, customers=customers, items=items, days=days, port=port, generate=generate, train=train, load=load)
+    if port_in_use(port):
+        raise _fail(f"port {port} on 127.0.0.1 is in use (a demo or server still running?): stop it, or pass --port N")
+    try:
+        run_demo(
+            console, customers=customers, items=items, days=days, port=port, generate=generate, train=train, load=load
+        )
+    except ServerNotReadyError as exc:
+        raise _fail(str(exc)) from exc
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes a report with plots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,6 +185,17 @@ def _show_event_effect(
     )
     _curl(console, f"-X POST {base}/v1/events -H 'content-type: application/json' -d '{_json(event)}'")
     _show(console, base, home, titles)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on (host, port): the demo checks before minutes of training."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -8,6 +8,10 @@ import time
 import httpx
 
 
+class ServerNotReadyError(RuntimeError):
+    """The server process exited, or did not answer /readyz in time."""
+
+
 def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
     """Poll /readyz until it answers 200; fail early if the process exits, and stop it on time-out."""
     deadline = time.monotonic() + timeout_s
@@ -15,7 +19,7 @@ def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: fl
     with httpx.Client(timeout=1.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode}")
+                raise ServerNotReadyError(f"the server exited with code {proc.returncode} (its messages are above)")
             try:
                 if client.get(f"{base_url}/readyz").status_code == 200:
                     return
@@ -23,4 +27,4 @@ def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: fl
                 pass  # not listening yet
             time.sleep(0.1)
     proc.terminate()
-    raise RuntimeError(f"the server was not ready within {timeout_s:.0f}s")
+    raise ServerNotReadyError(f"the server was not ready within {timeout_s:.0f}s")

@@ -2,6 +2,7 @@
 
 import io
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -129,3 +130,14 @@ def test_a_new_key_and_its_entry_print_whole_and_the_entry_admits_the_key(scopes
     assert parsed.name == "esp" and parsed.scopes == frozenset(scopes.split(","))
     auth = ApiKeyAuth(lambda *_: None, [parsed])  # type: ignore[arg-type]
     assert auth.identify(b"Bearer " + key.encode()) == parsed
+
+
+def test_the_demo_on_a_port_in_use_stops_at_once_and_says_so(cli_env, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(app, ["demo", "--port", str(port)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: port {port} on 127.0.0.1 is in use")
+    assert not (tmp_path / "var" / "demo-shop").exists()  # nothing generated or trained first
