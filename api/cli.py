@@ -460,10 +460,14 @@ def registry_list() -> None:
     """Versions in the registry, the live one marked."""
     from engine.registry import Registry
 
-    reg = Registry(get_settings().registry_path)
+    path = get_settings().registry_path
+    reg = Registry(path)
     live = reg.live_version()
-    for v in reg.versions():
+    versions = reg.versions()
+    for v in versions:
         console.print(f"{'*' if v == live else ' '} {v}")
+    if not versions:
+        console.print(Text(f"no model versions in {path} (`nextbest train` publishes one)"), soft_wrap=True)
 
 
 @registry_app.command("activate")

@@ -221,6 +221,8 @@ class LogExporter:
             if result.recovered_file == str(out.resolve()):
                 return result
             raise ExportError(f"{out} already exists; export into a new file")
+        if not out.parent.is_dir():  # found before an entry is read: nothing is left pending
+            raise ExportError(f"{out.parent} is not a folder; create it or export elsewhere")
         entries = self._read("0", max_entries)
         entries += self._read(">", max_entries - len(entries))
         if not entries:

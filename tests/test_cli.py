@@ -141,3 +141,9 @@ def test_the_demo_on_a_port_in_use_stops_at_once_and_says_so(cli_env, tmp_path):
     assert r.exit_code == 2, r.output
     assert r.output.startswith(f"error: port {port} on 127.0.0.1 is in use")
     assert not (tmp_path / "var" / "demo-shop").exists()  # nothing generated or trained first
+
+
+def test_an_empty_registry_lists_no_version_and_says_how_to_make_one(cli_env, tmp_path):
+    r = CliRunner().invoke(app, ["registry", "list"])
+    assert r.exit_code == 0
+    assert r.output == f"no model versions in {tmp_path / 'var' / 'registry'} (`nextbest train` publishes one)\n"

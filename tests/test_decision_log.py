@@ -186,7 +186,10 @@ def test_export_drains_the_stream_into_parquet(client, r, keys, shop, tmp_path):
     with pytest.raises(ExportError, match="already exists"):
         _decide(client, "c1")
         _export(r, keys, tmp_path / "log.parquet")
-    assert r.xlen(keys.log_stream) == 1  # the refused export touched nothing
+    with pytest.raises(ExportError, match="is not a folder"):
+        _export(r, keys, tmp_path / "missing" / "log.parquet")
+    assert r.xlen(keys.log_stream) == 1  # the refused exports touched nothing
+    assert r.xpending(keys.log_stream, "export")["pending"] == 0  # and read nothing
 
 
 class CrashError(Exception):
