@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.text import Text
 
 from api.console import print_error
-from api.settings import Settings, get_settings
+from api.settings import Settings, SettingsError, get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nextbest: real-time personalization decisions")
 registry_app = typer.Typer(no_args_is_help=True, help="Inspect and switch model versions")
@@ -539,4 +539,8 @@ def main() -> None:
     # their commands, so `serve` (a restart), `load` and the rest start without them.
     if _wants_benchmarks(sys.argv[1:]):
         _register_benchmarks()
-    app()
+    try:
+        app()
+    except SettingsError as exc:  # a bad NEXTBEST_* value: one line naming it, not a traceback
+        print_error(console, exc)
+        sys.exit(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,6 +91,25 @@ class Settings(BaseSettings):
         return self.data_dir / "redis"
 
 
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take; the message names each variable."""
+
+
+def _variable(field: str) -> str:
+    return "REDIS_URL" if field == "redis_url" else f"NEXTBEST_{field.upper()}"
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; `SettingsError` names every variable with a bad value."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            name = str(e["loc"][0]) if e["loc"] else "?"
+            field = Settings.model_fields.get(name)
+            secret = field is not None and "SecretStr" in str(field.annotation)  # never echoed
+            value = "(a secret, not shown)" if secret else repr(e.get("input"))
+            problems.append(f"{_variable(name)}={value}: {e['msg']}")
+        raise SettingsError("; ".join(problems)) from None

@@ -1,10 +1,12 @@
 """The nextbest command line, end to end on small data and a real Redis."""
 
 import io
+import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -78,6 +80,7 @@ def test_serve_refuses_an_invalid_rules_file_with_a_clear_error(cli_env, tmp_pat
 
 _MAIN = """
 import sys
+from pathlib import Path
 from api import cli
 sys.argv = ["nextbest", *sys.argv[1:]]
 try:
@@ -147,3 +150,13 @@ def test_an_empty_registry_lists_no_version_and_says_how_to_make_one(cli_env, tm
     r = CliRunner().invoke(app, ["registry", "list"])
     assert r.exit_code == 0
     assert r.output == f"no model versions in {tmp_path / 'var' / 'registry'} (`nextbest train` publishes one)\n"
+
+
+def test_a_bad_setting_is_one_error_line_naming_each_variable(tmp_path):
+    exe = Path(sys.executable).with_name("nextbest")
+    env = {**os.environ, "NEXTBEST_DATA_DIR": str(tmp_path), "NEXTBEST_PORT": "abc", "NEXTBEST_WORKERS": "0"}
+    done = subprocess.run([str(exe), "registry", "list"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.startswith("error: NEXTBEST_PORT='abc': Input should be a valid integer")
+    assert "NEXTBEST_WORKERS='0': Input should be greater than or equal to 1" in done.stdout
+    assert len(done.stdout.splitlines()) == 1 and "Traceback" not in done.stdout + done.stderr
