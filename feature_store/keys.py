@@ -108,6 +108,11 @@ class Keys:
         return f"{self.prefix}:{{log}}:export"
 
     @property
+    def log_export_lock(self) -> str:
+        """Held by the one export running (two at once would export the same pending entries twice)."""
+        return f"{self.prefix}:{{log}}:export-lock"
+
+    @property
     def log_unreadable(self) -> str:
         """Entries of the decision log that an export could not read, kept as they were (stream id and bytes)."""
         return f"{self.prefix}:{{log}}:unreadable"

@@ -18,11 +18,17 @@ An entry the exporter cannot read (not JSON, or not a decision log document) is 
 step 3 it is copied, bytes as they were and under its own stream id, to the stream `{log}:unreadable`
 (named in the export's problems), and then acknowledged with the rest. An interrupted run copies it
 again under the same id, which Redis refuses, so it is kept once.
+
+One export runs at a time: each holds `{log}:export-lock` (a random token, an hour's TTL renewed at each
+step), and another started meanwhile, by cron or by hand, is refused and changes nothing. Without it the
+second would take the first's marker for an interrupted run, delete its partial file, and export its
+pending entries a second time. A killed export's lock lapses with its TTL (or `DEL` it).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,13 @@ from feature_store.keys import Keys
 
 GROUP = "export"
 CONSUMER = "exporter"
+LOCK_TTL_S = 3600  # renewed at each step; only a killed export leaves it to lapse
+# Renew (ARGV[2] seconds) or release (ARGV[2] = 0) the lock, only while this export (ARGV[1]) holds it.
+_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
 
 SCHEMA = pa.schema(
     [
@@ -213,7 +226,23 @@ class LogExporter:
         """Drain up to `max_entries` entries into the Parquet file `out` (see the module docstring).
 
         `fault` is called with the name of each step before it runs (tests interrupt the export there).
+        Raises `ExportError` when another export is running.
         """
+        lock = self.keys.log_export_lock
+        token = secrets.token_hex(8)
+        if not self.client.set(lock, token, nx=True, ex=LOCK_TTL_S):
+            held = self.client.ttl(lock)
+            raise ExportError(f"another export is running ({lock} is held for {held} s more); run again after it")
+        try:
+            return self._export(out, max_entries, fault, token)
+        finally:
+            self.client.eval(_LOCK, 1, lock, token, 0)
+
+    def _hold(self, token: str) -> None:
+        if not self.client.eval(_LOCK, 1, self.keys.log_export_lock, token, LOCK_TTL_S):
+            raise ExportError(f"{self.keys.log_export_lock} lapsed during this export; run it again")
+
+    def _export(self, out: Path, max_entries: int, fault: Callable[[str], None] | None, token: str) -> ExportResult:
         self._ensure_group()
         result = ExportResult(file=None)
         self._recover(result)
@@ -249,6 +278,7 @@ class LogExporter:
             result.skipped += 1
             result.problems.append(f"stream entry {sid}: unreadable ({why}); kept in {self.keys.log_unreadable}")
         partial = out.with_name(out.name + ".partial")
+        self._hold(token)
         if fault:
             fault("write")
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -258,9 +288,11 @@ class LogExporter:
         ids = [sid for sid, _ in entries]
         marker = {"file": str(out.resolve()), "sha256": sha256_file(partial), "first": ids[0], "last": ids[-1]}
         self.client.set(self.keys.log_export, orjson.dumps(marker))
+        self._hold(token)
         if fault:
             fault("rename")
         os.replace(partial, out)
+        self._hold(token)
         if fault:
             fault("ack")
         self._ack(ids)

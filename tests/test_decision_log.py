@@ -255,6 +255,45 @@ def test_an_unreadable_entry_is_kept_once_under_its_id_and_the_rest_is_exported(
     assert r.xlen(keys.log_stream) == 0
 
 
+def test_an_export_started_while_another_runs_is_refused_and_changes_nothing(client, r, keys, tmp_path):
+    ids = [_decide(client, f"c{n}", limit=3)["decision_id"] for n in range(6)]
+    refused: list[str] = []
+
+    def second_export(step: str) -> None:  # cron starts another export while the first is writing
+        if step == "write":
+            with pytest.raises(ExportError, match="another export is running") as exc:
+                _export(r, keys, tmp_path / "second.parquet")
+            refused.append(str(exc.value))
+
+    first = _export(r, keys, tmp_path / "first.parquet", fault=second_export)
+    assert refused and first.file == tmp_path / "first.parquet" and not (tmp_path / "second.parquet").exists()
+    exported = pq.read_table(first.file).to_pandas().query("kind == 'decision'")["decision_id"]
+    assert sorted(exported.unique()) == sorted(ids) and r.xlen(keys.log_stream) == 0
+    assert not r.exists(keys.log_export_lock)  # released: the next export runs
+    assert _export(r, keys, tmp_path / "third.parquet").file is None
+
+
+def test_an_export_whose_lock_lapsed_stops_and_the_rerun_exports_each_entry_once(client, r, keys, tmp_path):
+    ids = [_decide(client, f"c{n}", limit=3)["decision_id"] for n in range(6)]
+
+    def lapse(step: str) -> None:
+        if step == "write":
+            r.delete(keys.log_export_lock)  # as if the process had stalled past the lock's TTL
+
+    with pytest.raises(ExportError, match="lapsed"):
+        _export(r, keys, tmp_path / "a.parquet", fault=lapse)
+    result = _export(r, keys, tmp_path / "b.parquet")
+    files = [
+        f for f in (tmp_path / "a.parquet", tmp_path / "b.parquet", result.recovered_file) if f and Path(f).exists()
+    ]
+    exported = [
+        d
+        for f in set(map(str, files))
+        for d in pq.read_table(f).to_pandas().query("kind == 'decision'")["decision_id"].unique()
+    ]
+    assert sorted(exported) == sorted(ids) and r.xlen(keys.log_stream) == 0
+
+
 def test_erasure_leaves_no_key_of_the_customer_and_unlinks_the_log(client, r, keys, shop):
     customer = _buyer(shop)
     client.post(
