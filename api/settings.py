@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -109,7 +110,7 @@ def get_settings() -> Settings:
         for e in exc.errors():
             name = str(e["loc"][0]) if e["loc"] else "?"
             field = Settings.model_fields.get(name)
-            secret = field is not None and "SecretStr" in str(field.annotation)  # never echoed
+            secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))  # never echoed
             value = "(a secret, not shown)" if secret else repr(e.get("input"))
             problems.append(f"{_variable(name)}={value}: {e['msg']}")
         raise SettingsError("; ".join(problems)) from None

@@ -238,9 +238,12 @@ class LogExporter:
         finally:
             self.client.eval(_LOCK, 1, lock, token, 0)
 
-    def _hold(self, token: str) -> None:
+    def _step(self, name: str, token: str, fault: Callable[[str], None] | None) -> None:
+        """Before each step: renew the lock (stop if it lapsed), then let a test interrupt there."""
         if not self.client.eval(_LOCK, 1, self.keys.log_export_lock, token, LOCK_TTL_S):
             raise ExportError(f"{self.keys.log_export_lock} lapsed during this export; run it again")
+        if fault:
+            fault(name)
 
     def _export(self, out: Path, max_entries: int, fault: Callable[[str], None] | None, token: str) -> ExportResult:
         self._ensure_group()
@@ -257,7 +260,6 @@ class LogExporter:
         if not entries:
             return result
         rows: list[dict[str, Any]] = []
-        unreadable: list[tuple[str, bytes, str]] = []
         for sid, fields in entries:
             raw = fields.get(ENTRY_FIELD.encode()) if fields else None
             if raw is None:
@@ -267,20 +269,17 @@ class LogExporter:
                 doc = orjson.loads(raw)
                 new_rows = list(_rows(sid, doc))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                unreadable.append((sid, raw, f"{type(exc).__name__}: {exc}"))
+                why = f"{type(exc).__name__}: {exc}"
+                self._keep_unreadable(sid, raw, why)
+                result.skipped += 1
+                result.problems.append(f"stream entry {sid}: unreadable ({why}); kept in {self.keys.log_unreadable}")
                 continue
             rows += new_rows
             result.decisions += doc["kind"] == "decision"
             result.rewards += doc["kind"] == "reward"
         result.entries, result.rows = len(entries), len(rows)
-        for sid, raw, why in unreadable:
-            self._keep_unreadable(sid, raw, why)
-            result.skipped += 1
-            result.problems.append(f"stream entry {sid}: unreadable ({why}); kept in {self.keys.log_unreadable}")
         partial = out.with_name(out.name + ".partial")
-        self._hold(token)
-        if fault:
-            fault("write")
+        self._step("write", token, fault)
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         pq.write_table(table, partial, compression="zstd")
         with partial.open("rb") as f:
@@ -288,13 +287,9 @@ class LogExporter:
         ids = [sid for sid, _ in entries]
         marker = {"file": str(out.resolve()), "sha256": sha256_file(partial), "first": ids[0], "last": ids[-1]}
         self.client.set(self.keys.log_export, orjson.dumps(marker))
-        self._hold(token)
-        if fault:
-            fault("rename")
+        self._step("rename", token, fault)
         os.replace(partial, out)
-        self._hold(token)
-        if fault:
-            fault("ack")
+        self._step("ack", token, fault)
         self._ack(ids)
         self.client.delete(self.keys.log_export)
         result.file = out
