@@ -82,7 +82,8 @@ def _customer(
 
 def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel: str) -> list[dict[str, float] | None]:
     """Model scores for many customers at once (None where `_customer` would score alone or not at all):
-    one run per model any of them needs on `channel`."""
+    each customer gets the models its offers on `channel` need, as `_customer` would score them, and each
+    model runs once, on the customers that need it."""
     models = runtime.model.propensity if runtime.model is not None else None
     if models is None:
         return [None] * len(profiles)
@@ -90,13 +91,15 @@ def propensities_many(runtime: Runtime, profiles: list[Profile | None], channel:
     rows = [k for k, p in enumerate(profiles) if p is not None and len(p.features) == n]
     out: list[dict[str, float] | None] = [None] * len(profiles)
     rules, now = runtime.rules, _now()
-    wanted: frozenset[str] = frozenset()
+    features: list[tuple[float, ...]] = []
+    wanted: list[frozenset[str]] = []
     for k in rows:
         p = profiles[k]
         assert p is not None
         customer = Customer(p.customer_id, p.segment, p.country, p.consents, has_cart=bool(p.cart))
-        wanted |= models_to_score(rules.offers, rules.offer_settings, customer, channel, now=now)
-    scored = models.predict_rows([profiles[k].features for k in rows], wanted)  # type: ignore[union-attr]
+        features.append(p.features)
+        wanted.append(models_to_score(rules.offers, rules.offer_settings, customer, channel, now=now))
+    scored = models.predict_each(features, wanted)
     for k, scores in zip(rows, scored, strict=True):
         out[k] = scores
     return out

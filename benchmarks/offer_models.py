@@ -193,8 +193,8 @@ def calibration_figure(results: list[TypeResult]) -> Figure:
 def serving_cost(
     models: PropensityModels, rows: F64, configs: dict[str, Collection[str] | None], calls: int = TIMING_CALLS
 ) -> list[list[object]]:
-    """Median µs of one request's `predict` (one customer) and of a `predict_rows` batch (the email path) per
-    set of models; the configurations are interleaved so a slow spell of the machine hits them all."""
+    """Median µs of one request's `predict` (one customer) and of a `predict_rows` batch (every row the same
+    models) per set of models; the configurations are interleaved so a slow spell of the machine hits them all."""
     one: dict[str, list[float]] = {name: [] for name in configs}
     batch: dict[str, list[float]] = {name: [] for name in configs}
     x = np.ascontiguousarray(rows, dtype=np.float32)
@@ -377,7 +377,7 @@ def run_offer_models_bench(
         timing = serving_cost(models, rows, configs, TIMING_CALLS // 6 if quick else TIMING_CALLS)
     report.add_table(
         "Propensity call of one offer request, in process (one thread)",
-        ["models run", "models", "µs / customer (predict)", f"µs / batch of {BATCH_ROWS} (predict_rows, email)"],
+        ["models run", "models", "µs / customer (predict)", f"µs / batch of {BATCH_ROWS} (predict_rows)"],
         timing,
         note="Median time of PropensityModels.predict on real feature rows; api/offers.py now passes the names "
         "the rules' offers reference (offer_models), so models no offer uses cost a request nothing.",

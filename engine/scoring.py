@@ -121,6 +121,34 @@ class PropensityModels:
         names = list(columns)
         return [dict(zip(names, scores, strict=True)) for scores in zip(*columns.values(), strict=True)]
 
+    def predict_each(
+        self, rows: Sequence[Sequence[float]], wanted: Sequence[Collection[str]]
+    ) -> list[dict[str, float]]:
+        """`predict` for many customers, each with its own `only`: a model runs once, on the rows that want it.
+
+        An email batch's customers mostly want one cheap model and a few want the large ones; scoring every
+        row with every model any of them wants would run the large ones on all. Each row's answer holds
+        exactly its wanted models (names without a model are left out), the scores `predict` gives it.
+        """
+        if len(wanted) != len(rows):
+            raise ValueError(
+                f"predict_each takes one set of wanted models per row: {len(rows)} rows, {len(wanted)} sets"
+            )
+        out: list[dict[str, float]] = [{} for _ in rows]
+        if not rows:
+            return out
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise ValueError(f"propensity models take rows of {len(self.feature_names)} features, got {x.shape}")
+        for name, model in self.models.items():
+            which = [k for k, names in enumerate(wanted) if name in names]
+            if not which:
+                continue
+            part = x if len(which) == len(rows) else x[which]
+            for k, score in zip(which, model._run(part).tolist(), strict=True):
+                out[k][name] = score
+        return out
+
 
 def load_propensity_models(folder: Path) -> PropensityModels | None:
     """The models described by `<folder>/models.json`; None when the folder has no models.json.

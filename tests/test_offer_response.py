@@ -298,6 +298,30 @@ def test_a_request_runs_only_the_models_its_offers_reference(trained_offers, rul
     assert [set(b) for b in batch] == [wanted, wanted]
 
 
+def test_a_batch_scores_each_customer_with_its_own_models_as_one_request_would(trained_offers):
+    models = trained_offers.models
+    names = sorted(models.models)
+    rng = np.random.default_rng(3)
+    rows = [rng.gamma(2.0, 5.0, len(FEATURE_COLUMNS)).tolist() for _ in range(6)]
+    rows[2][0] = float("nan")  # missing
+    wanted = [
+        frozenset(names[:1]),
+        frozenset(names),
+        frozenset(),
+        frozenset(names[1:3]),
+        frozenset(names[:1]),
+        {"nope"},
+    ]
+    batch = models.predict_each(rows, wanted)
+    assert [set(b) for b in batch] == [set(w) & set(names) for w in wanted]
+    assert batch == [models.predict(r, w) for r, w in zip(rows, wanted, strict=True)]
+    assert models.predict_each([], []) == []
+    with pytest.raises(ValueError, match="one set of wanted models per row: 2 rows, 1 sets"):
+        models.predict_each(rows[:2], wanted[:1])
+    with pytest.raises(ValueError, match=f"rows of {len(FEATURE_COLUMNS)} features"):
+        models.predict_each([[1.0, 2.0]], [frozenset(names)])
+
+
 def test_without_exposures_no_response_models_are_trained_and_offers_use_the_default_propensity(
     offer_shop, trained_offers, tmp_path, rules: Rules
 ):
