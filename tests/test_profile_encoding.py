@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import string
 from pathlib import Path
@@ -25,7 +26,9 @@ from feature_store.keys import Keys
 from feature_store.profiles import (
     SEGMENT_CODES,
     ProfileDecodeError,
+    decode_features,
     decode_profile,
+    encode_features,
     encode_profile,
     quantise_features,
 )
@@ -186,6 +189,35 @@ def test_live_updates_keep_the_snapshot_and_leave_zero_orders_out(redis_url, key
 def test_a_malformed_field_is_refused_naming_the_customer_and_the_field(field: str, raw: dict[str, object]):
     with pytest.raises(ProfileDecodeError, match=rf"'c42'.*field '{field}'"):
         decode_profile("c42", raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.sampled_from([0.0, 1.0, 7.0, 255.0, 256.0, 0.5, -3.25, 1e4]), max_size=24), max_size=8),
+    zeros=st.lists(st.integers(0, 23), max_size=10),
+)
+def test_rows_that_share_a_layout_each_decode_to_their_own_values(rows, zeros):
+    """Rows with the same zero and small-integer pattern share a cached layout, never values: each row
+    reads back as it was stored, also after other rows of its layout (or a longer one) were read."""
+    rows = [[0.0 if j in zeros else v for j, v in enumerate(r)] for r in rows]
+    rows += [[v * 2 if v != 0 else 0.0 for v in r] for r in rows]  # same layout where doubling keeps 1..255
+    for row in rows:
+        stored = tuple(quantise_features(row).astype(float).tolist())
+        assert decode_features(encode_features(row)) == stored
+        assert all(type(v) is float for v in decode_features(encode_features(row)))
+
+
+def test_bitmaps_naming_values_beyond_the_feature_count_are_refused():
+    # 2 features, non-zero bitmap says features 0 and 3: the header's count does not cover feature 3.
+    beyond = base64.b85encode(bytes([2, 0b1001, 0b11, 1, 2])).decode()
+    with pytest.raises(ValueError, match="beyond the 2 features"):
+        decode_features(beyond)
+    with pytest.raises(ProfileDecodeError, match=r"'c1'.*field 'x' \(features\)"):
+        decode_profile("c1", {"x": ",".join(("", "", "", beyond))})
+    # The small-integer bitmap names a third non-zero value where there are two.
+    with pytest.raises(ValueError, match="beyond the 3 features"):
+        decode_features(base64.b85encode(bytes([3, 0b011, 0b111, 1, 2])).decode())
+    assert decode_features(base64.b85encode(bytes([3, 0b101, 0b11, 4, 9])).decode()) == (4.0, 0.0, 9.0)
 
 
 def test_truncated_features_are_refused():
