@@ -114,6 +114,47 @@ def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
     return (np.sort(key) & np.uint64((1 << index_bits) - 1)).astype(np.int64)
 
 
+def top_per_row(
+    rows: IntArray, items: IntArray, scores: FloatArray, n: int, m: int
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """The n best entries of each row as (row, item, score): rows ascending, best first, ties to the lower item.
+
+    Entries may come in any order, each (row, item) at most once, with positive float32 scores (items < m).
+    Row, score and item packed into one uint64 sort as one key, and the sorted keys are the answer: no
+    permutation is gathered (the packing that `best_first` does with entry positions instead of items).
+    """
+    if len(rows) == 0:
+        return rows, items, scores
+    item_bits = max(m - 1, 1).bit_length()
+    if scores.dtype != np.float32 or int(rows.max()).bit_length() + 32 + item_bits > 64:  # a lexsort instead
+        order = np.lexsort((items, -scores, rows))
+        order = order[rank_in_row(rows[order]) < n]
+        return rows[order], items[order], scores[order]
+    shift = np.uint64(item_bits)
+    # A positive float's bits ascend with its value; inverted, a larger score sorts first.
+    key = (rows.astype(np.uint64) << np.uint64(32 + item_bits)) | ((~scores.view(np.uint32)).astype(np.uint64) << shift)
+    key |= items.astype(np.uint64)
+    key.sort()
+    row = (key >> np.uint64(32 + item_bits)).astype(np.int64)
+    if len(row) > n:  # some row may have more than n
+        kept = rank_in_row(row) < n
+        key, row = key[kept], row[kept]
+    item = (key & np.uint64((1 << item_bits) - 1)).astype(np.int64)
+    score = (~(key >> shift)).astype(np.uint32).view(np.float32)
+    return row, item, score
+
+
+def distinct(cells: IntArray, size: int) -> IntArray:
+    """The distinct values of `cells` (each < size), in no particular order: each value's last occurrence is
+    found by writing positions into a scratch array of `size` and reading them back, linear where a sort
+    (np.unique) is not."""
+    at = np.empty(size, dtype=np.int32 if len(cells) < 2**31 else np.int64)
+    k = np.arange(len(cells), dtype=at.dtype)
+    at[cells] = k
+    out: IntArray = cells[at[cells] == k]
+    return out
+
+
 def user_vectors(
     state: ServingState, customer_ids: Sequence[str], profiles: Sequence[Profile | None]
 ) -> tuple[IntArray, FloatArray]:
@@ -178,8 +219,11 @@ def als(state: ServingState, rows: IntArray, vectors: FloatArray, n: int) -> Can
         row, idx, score = parts[0]
     else:
         row, idx, score = (np.concatenate([p[k] for p in parts]) for k in range(3))
-    order = best_first(row, score, n)
-    row, idx, score = row[order], idx[order], score[order]
+    if len(vectors) == 1:  # one row, in item order: a plain sort costs less than packing keys
+        order = best_first(row, score, n)
+        row, idx, score = row[order], idx[order], score[order]
+    else:
+        row, idx, score = top_per_row(row, idx, score, n, len(state.catalog))
     if len(row) == 0:
         return Candidates.empty("als")
     return Candidates("als", row, idx, _scaled_by_row_best(row, score))
@@ -250,11 +294,14 @@ def neighbours(
     # Each (row, item)'s best weighted similarity, in a row × catalog array.
     best = np.zeros(n_rows * m, dtype=np.float32)
     np.maximum.at(best, flat_cell, flat_sim[keep].astype(np.float32, copy=False))
-    cells = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
-    row, idx = split_cells(cells, n_rows, m)
-    score = best[cells]
-    top = best_first(row, score, n)
-    row, idx, score = row[top], idx[top], score[top]
+    if n_rows == 1:  # one catalog-long row: scanning it is cheap, and so is a plain sort of its few hundred
+        cells = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
+        idx = cells[np.argsort(-best[cells], kind="stable")[:n]]
+        row, score = np.zeros(len(idx), dtype=np.int64), best[idx]
+    else:
+        cells = distinct(flat_cell, n_rows * m)
+        row = cells // m
+        row, idx, score = top_per_row(row, cells - row * m, best[cells], n, m)
     return Candidates(source, row, idx, _scaled_by_row_best(row, score))
 
 
@@ -352,7 +399,9 @@ def buy_again(
     gap = np.where(own_gap > 0, own_gap, state.repurchase_days[codes])
     due = (now_day - last) / np.maximum(gap, 1.0)
     # Close to due (ratio near 1) is best; long overdue decays slowly, just bought scores low.
-    dueness = np.where(due < 1.0, np.exp(-0.5 * ((due - 1.0) / 0.45) ** 2), np.exp(-(due - 1.0) / 3.0))
+    # (Both sides are computed: the overdue one is clipped where it is not used, so a purchase dated after now
+    # cannot overflow it.)
+    dueness = np.where(due < 1.0, np.exp(-0.5 * ((due - 1.0) / 0.45) ** 2), np.exp(-np.maximum(due - 1.0, 0.0) / 3.0))
     habit = 1.0 - np.exp(-count / 2.0)
     score = (habit * (0.35 + 0.65 * dueness)).astype(np.float32)
     keep = np.flatnonzero(allowed & (score > 0))

@@ -4,6 +4,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import candidates as cs
 from engine.catalog import CatalogState
@@ -342,3 +344,37 @@ def test_a_batch_is_one_placement(state):
 
     with pytest.raises(ValueError, match="one placement at a time"):
         recommend_many(state, [Request("a", "home", 4), Request("b", "pdp", 4)], [None, None])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cells=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 40)), unique=True, max_size=120),
+    pool=st.lists(st.sampled_from([0.5, 0.25, 1.0, 3e-39, 7.0, 0.125]), min_size=1, max_size=6),
+    n=st.integers(1, 12),
+    wide=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_top_per_row_is_each_rows_n_best_by_score_then_lower_item(cells, pool, n, wide, seed):
+    """Entries in any order (a shuffled list of distinct (row, item)) and tied scores: each row's n best,
+    rows ascending, best first, ties to the lower item. `wide` takes the lexsort path (float64 scores)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(cells))
+    rows = np.asarray([cells[k][0] for k in order], dtype=np.int64)
+    items = np.asarray([cells[k][1] for k in order], dtype=np.int64)
+    scores = np.asarray([pool[(r * 7 + i) % len(pool)] for r, i in zip(rows, items, strict=True)], dtype=np.float32)
+    if wide:
+        scores = scores.astype(np.float64)
+    row, item, score = cs.top_per_row(rows, items, scores, n, 41)
+    expected = sorted(
+        zip(rows.tolist(), items.tolist(), scores.tolist(), strict=True), key=lambda e: (e[0], -e[2], e[1])
+    )
+    kept = [e for k, e in enumerate(expected) if sum(1 for f in expected[:k] if f[0] == e[0]) < n]
+    assert list(zip(row.tolist(), item.tolist(), score.tolist(), strict=True)) == kept
+    assert score.dtype == scores.dtype
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.integers(0, 63), max_size=200))
+def test_distinct_is_each_value_once(values):
+    out = cs.distinct(np.asarray(values, dtype=np.int64), 64)
+    assert sorted(out.tolist()) == sorted(set(values))
