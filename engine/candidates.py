@@ -91,7 +91,7 @@ def best_first(rows: IntArray, scores: FloatArray, n: int) -> IntArray:
     if len(rows) == 0 or rows[0] == rows[-1]:  # one row: a plain sort is cheaper than building keys
         return np.argsort(-scores, kind="stable")[:n]
     order = _by_row_then_score(rows, scores)
-    return order[rank_in_row(rows[order]) < n]
+    return order if n >= len(rows) else order[rank_in_row(rows[order]) < n]  # (no row can have more than all)
 
 
 def _by_row_then_score(rows: IntArray, scores: FloatArray) -> IntArray:
