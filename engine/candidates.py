@@ -287,14 +287,15 @@ def neighbours(
     m = len(state.catalog)
     nb = state.neighbours_idx[seeds]
     sim = state.neighbours_sim[seeds] * seed_weights[:, None]
-    flat_idx, flat_sim = nb.ravel(), sim.ravel()
+    # In float32 before the test: a similarity that rounds to 0 there is no candidate (top_per_row takes positives).
+    flat_idx, flat_sim = nb.ravel(), sim.ravel().astype(np.float32, copy=False)
     keep = (flat_idx >= 0) & (flat_sim > 0)
     flat_cell = (flat_idx if n_rows == 1 else np.repeat(rows, nb.shape[1]) * m + flat_idx)[keep]
     if len(flat_cell) == 0:
         return Candidates.empty(source)
     # Each (row, item)'s best weighted similarity, in a row × catalog array.
     best = np.zeros(n_rows * m, dtype=np.float32)
-    np.maximum.at(best, flat_cell, flat_sim[keep].astype(np.float32, copy=False))
+    np.maximum.at(best, flat_cell, flat_sim[keep])
     if n_rows == 1:  # one catalog-long row: scanning it is cheap, and so is a plain sort of its few hundred
         cells = (best > 0).nonzero()[0]  # a mask first: nonzero on float32 itself is four times slower
         idx = cells[np.argsort(-best[cells], kind="stable")[:n]]

@@ -378,3 +378,18 @@ def test_top_per_row_is_each_rows_n_best_by_score_then_lower_item(cells, pool, n
 def test_distinct_is_each_value_once(values):
     out = cs.distinct(np.asarray(values, dtype=np.int64), 64)
     assert sorted(out.tolist()) == sorted(set(values))
+
+
+def test_a_similarity_that_vanishes_in_float32_is_no_neighbour_candidate(state):
+    """Seed weights may come as float64: a weighted similarity that rounds to 0 in float32 is left out, in a
+    batch as alone, and every candidate keeps a positive score (its row's best scales it)."""
+    seed = int(np.flatnonzero((state.neighbours_idx >= 0).any(axis=1))[0])
+    seeds = np.asarray([seed, seed], dtype=np.int64)
+    weights = np.asarray([1.0, 1e-50])
+    batch = cs.neighbours(state, 2, np.asarray([0, 1]), seeds, weights, 50, "neighbours")
+    assert len(batch) > 0 and set(batch.row.tolist()) == {0}
+    assert np.isfinite(batch.score).all() and (batch.score > 0).all()
+    alone = cs.neighbours(state, 1, np.zeros(1, dtype=np.int64), seeds[1:], weights[1:], 50, "neighbours")
+    assert len(alone) == 0
+    first = cs.neighbours(state, 1, np.zeros(1, dtype=np.int64), seeds[:1], weights[:1], 50, "neighbours")
+    assert batch.idx.tolist() == first.idx.tolist() and batch.score.tolist() == first.score.tolist()
