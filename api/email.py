@@ -123,7 +123,8 @@ class EmailSlots:
             if read.stored is not None:
                 answers[j] = await self._read_back(state, req, read.stored, profiles[j][0], store)
         pending = [j for j, a in enumerate(answers) if a is None]
-        # One campaign, one placement: score the offers of every recipient to decide in one run per model.
+        # One campaign, one placement: score the offers of every recipient, each model run once on the recipients
+        # whose offers use it.
         wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
         scored = propensities_many(rt, [profiles[j][0] for j in pending], "email") if wants_offers else []
         scores = dict(zip(pending, scored, strict=False))
