@@ -109,17 +109,8 @@ class PropensityModels:
     def predict_rows(
         self, rows: Sequence[Sequence[float]], only: Collection[str] | None = None
     ) -> list[dict[str, float]]:
-        """`predict` for many customers with one session run per model (a batch amortises the call cost)."""
-        if not rows:
-            return []
-        x = np.ascontiguousarray(rows, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
-            raise ValueError(f"propensity models take rows of {len(self.feature_names)} features, got {x.shape}")
-        columns = {name: model._run(x).tolist() for name, model in self._chosen(only)}
-        if not columns:
-            return [{} for _ in range(x.shape[0])]
-        names = list(columns)
-        return [dict(zip(names, scores, strict=True)) for scores in zip(*columns.values(), strict=True)]
+        """`predict` for many customers with the same models: one session run per model."""
+        return self.predict_each(rows, [self.models if only is None else only] * len(rows))
 
     def predict_each(
         self, rows: Sequence[Sequence[float]], wanted: Sequence[Collection[str]]
