@@ -7,7 +7,6 @@ before it), which is what off-policy evaluation of slates needs. The only random
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,7 +89,7 @@ def softmax_many(
 
     The same selections as one `choose` per pool, bit for bit: the pools are laid side by side, padded
     with -inf (which sorts after every real item), and logits, noise and the stable sort are the same
-    float operations row by row; each row's propensities are its own `_plackett_luce`.
+    float operations row by row, and so are the propensities (`plackett_luce_rows`).
     """
     lengths = np.asarray([len(p) for p in pools], dtype=np.int64)
     if not len(pools) or not lengths.max(initial=0):
@@ -107,13 +106,15 @@ def softmax_many(
     peak = np.where(lengths > 0, scores.max(axis=1), 0.0)
     logits = (scores - peak[:, None]) / spec.temperature
     orders = np.argsort(-(logits + noise), axis=1, kind="stable")
-    out = []
-    for r, (n, k) in enumerate(zip(lengths.tolist(), ks, strict=True)):
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        order = orders[r, : min(k, n)]
-        out.append(Selection(order, _plackett_luce(logits[r, :n], order)))
-    return out
+    if len(ks) != len(pools) or any(k < 0 for k in ks):
+        raise ValueError(f"one k >= 0 per pool needed, got {list(ks)} for {len(pools)} pools")
+    taken = np.minimum(np.asarray(ks, dtype=np.int64), lengths)
+    k_max = int(taken.max())
+    propensities = plackett_luce_rows(logits, orders[:, :k_max], taken).tolist()
+    return [
+        Selection(orders[r, :k], np.asarray(propensities[r][:k], dtype=np.float64))
+        for r, k in enumerate(taken.tolist())
+    ]
 
 
 def evaluate(
@@ -197,33 +198,43 @@ def _logits(scores: FloatArray, temperature: float) -> FloatArray:
 
 
 def _plackett_luce(logits: FloatArray, order: IntArray) -> FloatArray:
-    """Softmax without replacement: P(order[j] | order[:j]) = exp(l[a_j]) / Σ exp(l) over the remaining.
+    """One pool's `plackett_luce_rows`: the same floats as the pool's row in a batch."""
+    row: FloatArray = plackett_luce_rows(logits[None, :], order[None, :], np.asarray([len(order)]))[0]
+    return row
 
-    The remaining items at slot j are order[j:] plus everything never taken; their log-sum-exp is built
-    from the back as a running log-sum-exp, so no probability suffers cancellation or underflow to 0/0.
-    In plain floats: a pool is a few dozen items, where a dozen numpy calls cost more than the arithmetic.
+
+def plackett_luce_rows(logits: FloatArray, orders: IntArray, ks: IntArray) -> FloatArray:
+    """Softmax without replacement, row by row: P(a_j | a_<j) = exp(l[a_j]) / Σ exp(l) over the items still
+    there, for a_j = orders[r, j] and j < ks[r] (0 beyond; `orders` rows hold distinct indices).
+
+    `logits` is rows × width, -inf where a row has no item. The remaining items at slot j are a_j.. plus
+    everything never taken; their log-sum-exp is built from the back with logaddexp, so no probability
+    suffers cancellation or underflow to 0/0. A row gets the same floats whatever rows come with it and
+    however much padding: every step is elementwise or runs along its row in order (the never-taken items'
+    sum is a cumulative sum, whose last value padding's zeros leave alone), so a batch's propensities are
+    each single decision's to the last bit.
     """
-    values = logits.tolist()
-    taken = order.tolist()
-    chosen = set(taken)
-    rest = [v for i, v in enumerate(values) if i not in chosen]
-    tail = -math.inf
-    if rest:
-        peak = max(rest)
-        tail = peak + math.log(math.fsum(math.exp(v - peak) for v in rest))
-    out = [0.0] * len(taken)
-    for j in range(len(taken) - 1, -1, -1):
-        picked = values[taken[j]]
-        tail = _logaddexp(tail, picked)
-        out[j] = math.exp(picked - tail)
-    return np.asarray(out, dtype=np.float64)
-
-
-def _logaddexp(a: float, b: float) -> float:
-    if a == -math.inf:
-        return b
-    peak = a if a > b else b
-    return peak + math.log1p(math.exp(-abs(a - b)))
+    n_rows, width = logits.shape
+    valid = np.arange(orders.shape[1]) < np.asarray(ks)[:, None]
+    # A fresh copy with one more -inf column, to which the slots beyond a row's k point: it becomes the
+    # never-taken items once the taken ones are set to -inf, and those slots pick -inf (probability 0).
+    rest = np.empty((n_rows, width + 1))
+    rest[:, :width] = logits
+    rest[:, width] = -np.inf
+    cells = (np.where(valid, orders, width) + np.arange(0, n_rows * (width + 1), width + 1)[:, None]).ravel()
+    flat = rest.reshape(-1)
+    picked = flat[cells].reshape(orders.shape)
+    flat[cells] = -np.inf
+    peak = rest.max(axis=1)
+    peak[~np.isfinite(peak)] = 0.0  # a row with nothing left: exp gives 0s, its tail is -inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = peak + np.log(np.cumsum(np.exp(rest - peak[:, None]), axis=1)[:, -1])
+        # Slot j's tail is logaddexp(slot j+1's tail, its pick), from the back: one left-to-right accumulate
+        # over the reversed picks (column i holds the tail of slot k - i).
+        tails = np.logaddexp.accumulate(np.concatenate([tail[:, None], picked[:, ::-1]], axis=1), axis=1)
+        out: FloatArray = np.exp(picked - tails[:, :0:-1])
+    out[~valid] = 0.0
+    return out
 
 
 def _distributions(

@@ -287,7 +287,7 @@ def test_thompson_lift_moves_up_an_item_that_beats_its_estimate():
 @settings(max_examples=150, deadline=None)
 @given(
     pools=st.lists(
-        st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0, -3.0, 7.5]), min_size=0, max_size=14),
+        st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0, -3.0, 7.5]), min_size=0, max_size=30),
         min_size=1,
         max_size=6,
     ),
