@@ -397,10 +397,13 @@ def test_a_paused_redis_gives_quick_fallbacks_without_a_pile_up_and_latency_reco
         pauser.close()
         assert still_paused, "the bursts outlasted the pause: the machine is too slow for this test to mean anything"
         limit = _latency_limit([x[1] for x in normal], 0.100)
+        # Quick means no pile-up: an answer waits at most one Redis timeout besides the work any answer does.
+        # Answers queued behind each other's timeouts would take 50 timeouts (1 s), and answers waiting for
+        # Redis itself the pause's 1.5 s. Twice the healthy limit (at least 200 ms) tells those apart from a
+        # quick fallback, with room for the jitter of a shared 2-core machine (once 103 ms against 100 ms).
+        room = 2 * limit
         for kind, latency, status, body in during + again:
             assert status == 200 and body["fallback"] is True and body["fallback_reason"] in STORE_DOWN, (kind, body)
-            # An open circuit makes no Redis call, so only the shared CPU can slow it: it gets twice the room.
-            room = 2 * limit if body["fallback_reason"] == "redis_circuit_open" else limit
             assert latency <= room, (
                 f"{kind} took {latency * 1000:.0f} ms while Redis was paused ({body['fallback_reason']})"
             )
