@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Report", "environment", "format_value", "new_figure"]
+__all__ = ["Report", "environment", "format_value", "new_figure", "speed_probe_ms"]
 
 _KEY_PACKAGES = (
     "numpy",
@@ -137,6 +137,27 @@ def _command_line(argv: Sequence[str]) -> str:
     return shlex.join(redacted)
 
 
+PROBE_ITERATIONS = 200_000
+
+
+def speed_probe_ms() -> float:
+    """How fast this machine runs plain Python just now: CPU milliseconds of a fixed loop, best of five.
+
+    A shared or throttled machine drifts: on the 2-core machine the README's figures come from, such a loop
+    took twice as long at some hours as at others within one day, and a benchmark's throughput moved with
+    it (the email batch: 3,100 to 5,100 recipients/s, same code). Two reports compare fairly only at similar
+    probe figures; each report records one at its start and one at its end.
+    """
+    best = math.inf
+    for _ in range(5):
+        t0 = time.process_time()
+        total = 0
+        for i in range(PROBE_ITERATIONS):
+            total += i * i
+        best = min(best, time.process_time() - t0)
+    return round(best * 1000, 1)
+
+
 def environment(started_at: float | None = None) -> dict[str, object]:
     """How and where this process runs, without the host name: command line, commit, machine, versions.
 
@@ -210,6 +231,7 @@ class Report:
     title: str
     params: dict[str, object] = field(default_factory=dict)  # parameters, seed, data set
     started_at: float = field(default_factory=time.time)
+    speed_at_start_ms: float = field(default_factory=speed_probe_ms)  # see `speed_probe_ms`
     _sections: list[_Table | _Text | _Figure] = field(default_factory=list, init=False, repr=False)
     _datasets: list[_Dataset] = field(default_factory=list, init=False, repr=False)
 
@@ -281,6 +303,7 @@ class Report:
         """Write out_dir/<name>.md, <name>.json and the figures; return the Markdown path."""
         out_dir.mkdir(parents=True, exist_ok=True)
         env = environment(self.started_at)
+        env["speed_probe_ms"] = {"start": self.speed_at_start_ms, "end": speed_probe_ms()}
         for section in self._sections:
             if isinstance(section, _Figure):
                 (out_dir / section.filename).write_bytes(section.png)
@@ -330,6 +353,7 @@ class Report:
             f"- Started: {env['started_utc']}; wall time {format_value(env['wall_time_s'])} s",
             f"- Machine: {env['cores']} logical cores ({env['usable_cores']} usable, "
             f"{env['physical_cores']} physical), {env['memory_gib']} GiB RAM, {env['cpu_model']}",
+            *_speed_line(env),
             f"- OS: {env['os']}; Python: {env['python']}",
             f"- Packages: {versions}",
             "",
@@ -348,6 +372,17 @@ class Report:
         else:
             out.append("(none: synthetic or in-memory data only)")
         return "\n".join(out) + "\n"
+
+
+def _speed_line(env: Mapping[str, object]) -> list[str]:
+    probe = env.get("speed_probe_ms")
+    if not isinstance(probe, dict):
+        return []
+    return [
+        f"- Machine speed: a fixed Python loop ({PROBE_ITERATIONS:,} iterations) took {probe['start']} ms of CPU at "
+        f"the start and {probe['end']} ms at the end (best of five; lower is faster). Shared machines drift: "
+        "compare reports at similar figures"
+    ]
 
 
 def _cell(value: object, precision: int | None = None) -> str:

@@ -70,6 +70,13 @@ def test_json_holds_tables_params_and_environment(tmp_path: Path):
     assert table["rows"] == [[500, 1.23456, 4.5, 0], [1000, 2.0, None, 3]]  # raw values, NaN as null
     assert data["figures"] == [{"file": "latency_cdf.png", "caption": "Latency CDF"}]
     assert {"command", "git_commit", "cores", "memory_gib", "packages", "started_utc"} <= data["environment"].keys()
+    # The machine's speed when the report started and when it was written, so drifting machines compare fairly.
+    probe = data["environment"]["speed_probe_ms"]
+    assert probe["start"] == report.speed_at_start_ms and probe["start"] > 0 and probe["end"] > 0
+    assert (
+        f"took {probe['start']} ms of CPU at the start and {probe['end']} ms at the end"
+        in (tmp_path / "latency.md").read_text()
+    )
 
 
 def test_dataset_checksum_and_size_are_recorded(tmp_path: Path):
