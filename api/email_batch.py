@@ -2,9 +2,9 @@
 
 A chunk is one round trip per step for its recipients (see `EmailSlots.slots_many`). Chunks overlap:
 while one waits on Redis the next is decided, and with peers (the other workers of this server, see
-`api.peers`) every `1 + len(peers)`-th chunk is decided here and the others there, so one batch uses
-every worker's core. Lines still go out in recipient order. A chunk in flight when the client goes away
-still finishes, so what it decided is stored and logged (a later call reads it back).
+`api.peers`) chunks are decided here and there, each worker taking the next chunk as soon as it finishes
+one, so one batch uses every worker's core. Lines still go out in recipient order. A chunk in flight when
+the client goes away still finishes, so what it decided is stored and logged (a later call reads it back).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nextbest")
 BATCH_CHUNK = 256  # recipients per round trip
 CHUNKS_IN_FLIGHT = 2  # per worker: one chunk is decided while the one before waits on Redis
+LOOKAHEAD = 4  # chunks per worker started beyond the next one to send, at most (finished ones wait in memory)
 PEER_TIMEOUT_S = 30.0  # a peer silent this long is skipped and its chunk decided here
 _RUNNING: set[asyncio.Task[bytes]] = set()  # chunks in flight, held until done (the loop keeps weak references)
 _ID = re.compile(ID_PATTERN)
@@ -93,18 +94,39 @@ async def _local(runtime: Runtime, job: ChunkJob) -> bytes:
 async def batch_lines(
     runtime: Runtime, campaign_id: str, placement: str, slots: int, recipients: list[Any]
 ) -> AsyncIterator[bytes]:
-    """Every recipient's line, in order, a chunk at a time; chunks shared round-robin with the peers."""
+    """Every recipient's line, in order, a chunk at a time; chunks shared with the peers as they have room.
+
+    Each worker (this one and every peer) has `CHUNKS_IN_FLIGHT` places. The first chunks go round-robin;
+    after that, a chunk goes to whichever worker just finished one, so a worker that is ahead (less busy, or
+    its Redis replies sooner) takes more, and a chunk that is done early does not wait for the one before it
+    to free its place. Lines still go out in recipient order: chunks finished ahead of the next one to send
+    are kept (at most `LOOKAHEAD` places' worth). A peer that failed gets no more of this batch's chunks.
+    """
     peers = runtime.peers.others() if runtime.peers is not None else []
-    width = 1 + len(peers)
-    in_flight: deque[asyncio.Task[bytes]] = deque()
-    for c, start in enumerate(range(0, len(recipients), BATCH_CHUNK)):
-        job = ChunkJob(campaign_id, placement, slots, start, recipients[start : start + BATCH_CHUNK])
-        turn = c % width
-        task = asyncio.create_task(_on_peer(runtime, peers[turn - 1], job) if turn else _local(runtime, job))
-        _RUNNING.add(task)
-        task.add_done_callback(_RUNNING.discard)
-        in_flight.append(task)
-        if len(in_flight) >= CHUNKS_IN_FLIGHT * width:
-            yield await in_flight.popleft()
-    while in_flight:
-        yield await in_flight.popleft()
+    places: deque[Path | None] = deque([None, *peers] * CHUNKS_IN_FLIGHT)  # None: here
+    lookahead = LOOKAHEAD * (1 + len(peers))
+    starts = range(0, len(recipients), BATCH_CHUNK)
+    tasks: dict[int, asyncio.Task[bytes]] = {}
+    owner: dict[asyncio.Task[bytes], Path | None] = {}  # running chunks and where they run
+    started = sent = 0
+    while sent < len(starts):
+        while places and started < len(starts) and started - sent < lookahead:
+            where = places.popleft()
+            start = starts[started]
+            job = ChunkJob(campaign_id, placement, slots, start, recipients[start : start + BATCH_CHUNK])
+            task = asyncio.create_task(_on_peer(runtime, where, job) if where is not None else _local(runtime, job))
+            _RUNNING.add(task)
+            task.add_done_callback(_RUNNING.discard)
+            tasks[started], owner[task] = task, where
+            started += 1
+        head = tasks[sent]
+        if head.done():
+            del tasks[sent]
+            sent += 1
+            yield head.result()
+            continue
+        done, _ = await asyncio.wait(owner, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            where = owner.pop(task)
+            if where is None or runtime.peers is None or runtime.peers.usable(where):
+                places.append(where)

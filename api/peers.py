@@ -123,6 +123,11 @@ class Peers:
         """A peer that failed is left out for a while."""
         self._failed[peer] = time.monotonic()
 
+    def usable(self, peer: Path) -> bool:
+        """Whether a peer may be given chunks (it has not failed within the last `FORGET_S`)."""
+        failed_at = self._failed.get(peer)
+        return failed_at is None or time.monotonic() - failed_at >= FORGET_S
+
     async def run(self, peer: Path, job: ChunkJob, timeout_s: float) -> bytes:
         """The chunk's NDJSON lines as the peer decided them; PeerError if it did not."""
         writer: asyncio.StreamWriter | None = None

@@ -513,6 +513,70 @@ def test_a_batch_decides_here_the_chunks_of_a_peer_that_is_gone_or_answers_garba
     assert failed._value.get() - before == 2
 
 
+def test_batch_chunks_go_to_whichever_worker_finishes_first_and_lines_stay_in_order(tmp_path, monkeypatch):
+    """The scheduler alone (a chunk's work is a timed stand-in: what it checks is where chunks go and when):
+    a worker that finishes sooner takes more chunks, no worker ever has more than its places, finished
+    chunks wait for the ones before them only in memory (within the lookahead), and a peer that failed gets
+    no further chunk of the batch."""
+    import types
+
+    import api.email_batch as eb
+    from api.peers import ChunkJob, Peers
+
+    for name in ("fast.sock", "slow.sock", "broken.sock"):
+        (tmp_path / name).touch()  # others() lists the directory's sockets
+    peers = Peers(tmp_path, handler=lambda job: asyncio.sleep(0, b""))
+    runtime = types.SimpleNamespace(peers=peers)
+    seconds = {None: 0.004, "fast.sock": 0.004, "slow.sock": 0.05, "broken.sock": 0.004}
+    where_decided: dict[int, str] = {}
+    running: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+    ahead = [0]
+    sent = [0]
+
+    async def work(where: str, job: ChunkJob) -> bytes:
+        running[where] += 1
+        most[where] = max(most[where], running[where])
+        ahead[0] = max(ahead[0], job.start // eb.BATCH_CHUNK - sent[0])
+        await asyncio.sleep(seconds[None if where == "here" else where])
+        running[where] -= 1
+        where_decided[job.start // eb.BATCH_CHUNK] = where
+        return b"".join(b'{"index":%d}\n' % k for k in range(job.start, job.start + len(job.recipients)))
+
+    given: Counter[str] = Counter()
+
+    async def on_peer(rt: Any, peer: Path, job: ChunkJob) -> bytes:
+        given[peer.name] += 1
+        if peer.name == "broken.sock":
+            peers.forget(peer)  # what a failed peer's chunk does, before it is decided here
+            return await work("here", job)
+        return await work(peer.name, job)
+
+    async def local(rt: Any, job: ChunkJob) -> bytes:
+        return await work("here", job)
+
+    monkeypatch.setattr(eb, "_on_peer", on_peer)
+    monkeypatch.setattr(eb, "_local", local)
+    recipients = [f"c{k}" for k in range(60 * eb.BATCH_CHUNK)]
+
+    async def main() -> list[int]:
+        out = []
+        async for lines in eb.batch_lines(runtime, "camp", "email:weekly", 4, recipients):  # type: ignore[arg-type]
+            out += [orjson.loads(line)["index"] for line in lines.splitlines()]
+            sent[0] += 1
+        return out
+
+    assert asyncio.run(main()) == list(range(len(recipients)))
+    counts = Counter(where_decided.values())
+    assert sum(counts.values()) == 60
+    # The broken peer was given the chunks of its first places only (then decided here, as a failed peer's are).
+    assert given["broken.sock"] == eb.CHUNKS_IN_FLIGHT
+    assert counts["fast.sock"] > 3 * counts["slow.sock"]  # round-robin would give both the same share
+    assert max(most.values()) <= 2 * eb.CHUNKS_IN_FLIGHT  # here: its own places and the broken peer's
+    assert most["fast.sock"] <= eb.CHUNKS_IN_FLIGHT and most["slow.sock"] <= eb.CHUNKS_IN_FLIGHT
+    assert ahead[0] < eb.LOOKAHEAD * 4
+
+
 def test_a_batch_chunk_hands_the_event_loop_back_while_it_decides(client, shop, monkeypatch):
     """A chunk's decisions are CPU work: the worker's other requests, and the Redis replies of the chunk
     before, get the loop between groups of recipients decided together (a chunk holding it for its whole
