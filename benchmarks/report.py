@@ -141,21 +141,22 @@ PROBE_ITERATIONS = 200_000
 
 
 def speed_probe_ms() -> float:
-    """How fast this machine runs plain Python just now: CPU milliseconds of a fixed loop, best of five.
+    """How fast this machine runs plain Python just now: CPU milliseconds of a fixed loop, median of five.
 
     A shared or throttled machine drifts: on the 2-core machine the README's figures come from, such a loop
     took twice as long at some hours as at others within one day, and a benchmark's throughput moved with
-    it (the email batch: 3,100 to 5,100 recipients/s, same code). Two reports compare fairly only at similar
-    probe figures; each report records one at its start and one at its end.
+    it (the email batch: 3,100 to 5,100 recipients/s, same code). The probe is short and the drift comes
+    and goes within a run, so it only hints: two reports compare fairly at similar figures, and a report
+    whose end figure is far from its start ran while the machine changed speed.
     """
-    best = math.inf
+    times = []
     for _ in range(5):
         t0 = time.process_time()
         total = 0
         for i in range(PROBE_ITERATIONS):
             total += i * i
-        best = min(best, time.process_time() - t0)
-    return round(best * 1000, 1)
+        times.append(time.process_time() - t0)
+    return round(sorted(times)[2] * 1000, 1)
 
 
 def environment(started_at: float | None = None) -> dict[str, object]:
@@ -380,7 +381,7 @@ def _speed_line(env: Mapping[str, object]) -> list[str]:
         return []
     return [
         f"- Machine speed: a fixed Python loop ({PROBE_ITERATIONS:,} iterations) took {probe['start']} ms of CPU at "
-        f"the start and {probe['end']} ms at the end (best of five; lower is faster). Shared machines drift: "
+        f"the start and {probe['end']} ms at the end (median of five; lower is faster). Shared machines drift: "
         "compare reports at similar figures"
     ]
 
