@@ -367,15 +367,9 @@ def _decisions(
     for r, pick in enumerate(picks):
         n, k = len(pick.chosen), len(pick.propensities)
         props = propensities[taken : taken + k] + [1.0] * (n - k)
+        # ShownItem(item_id, position, score, reasons, propensity), positionally: half the cost of keywords.
         items = tuple(
-            ShownItem(
-                item_id=shown[at + j],
-                position=j + 1,
-                score=scores[at + j],
-                reasons=reasons[at + j],
-                propensity=props[j],
-            )
-            for j in range(n)
+            map(ShownItem, shown[at : at + n], range(1, n + 1), scores[at : at + n], reasons[at : at + n], props)
         )
         at, taken = at + n, taken + k
         reason = fallback_reasons[r]
