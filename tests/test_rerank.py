@@ -69,28 +69,57 @@ def test_decision_seed_reads_crockford_base32_and_refuses_anything_else():
             decision_seed(bad)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
-    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    sizes=st.lists(st.integers(0, 90), min_size=1, max_size=6),
+    n_categories=st.integers(1, 4),
     cap=st.integers(1, 3),
-    need=st.integers(0, 12),
-    spare=st.integers(0, 5),
+    needs=st.lists(st.integers(0, 12), min_size=6, max_size=6),
+    spares=st.lists(st.integers(0, 5), min_size=6, max_size=6),
+    clustered=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_many_rows_are_diversified_each_as_alone(sizes, cap, need, spare, seed):
-    """One sort for every row, then each row's walk: the same as each row diversified on its own."""
+def test_many_rows_are_diversified_each_as_alone(sizes, n_categories, cap, needs, spares, clustered, seed):
+    """One sort for every row, then each row's walk: the same as each row diversified on its own. Rows longer
+    than their head (4 × need + spare) whose walk ends past it, with few categories, are worked out again."""
     from engine.rerank import diversify_rows
 
     rng = np.random.default_rng(seed)
     rows = np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)
     scores = (rng.integers(0, 4, len(rows)) / 3).astype(np.float32)  # many ties, inside rows and across them
-    categories = rng.integers(0, 4, len(rows))
-    needs = np.full(len(sizes), need, dtype=np.int64)
-    spares = np.full(len(sizes), spare, dtype=np.int64)
-    within, beyond = diversify_rows(rows, scores, categories, cap, needs, spares, len(sizes))
+    categories = rng.integers(0, n_categories, len(rows))
+    if clustered:  # the best entries of the batch share the first categories: walks run long
+        categories[np.argsort(-scores, kind="stable")] = np.sort(categories)
+    need = np.asarray(needs[: len(sizes)], dtype=np.int64)
+    spare = np.asarray(spares[: len(sizes)], dtype=np.int64)
+    within, beyond = diversify_rows(rows, scores, categories, cap, need, spare, len(sizes))
+    assert (np.diff(rows[within]) >= 0).all() and (np.diff(rows[beyond]) >= 0).all()  # grouped by row
     for r in range(len(sizes)):
         mine = np.flatnonzero(rows == r)
         everything = np.ones(len(mine), dtype=bool)
-        alone_within, alone_beyond = diversify(scores[mine], everything, categories[mine], cap, need, spare)
+        alone_within, alone_beyond = diversify(
+            scores[mine], everything, categories[mine], cap, int(need[r]), int(spare[r])
+        )
         assert within[rows[within] == r].tolist() == mine[alone_within].tolist()
         assert beyond[rows[beyond] == r].tolist() == mine[alone_beyond].tolist()
+
+
+def test_a_row_whose_best_entries_share_one_category_is_walked_past_its_head():
+    """The cap is first worked out over each row's head (4 × need + spare entries); a row whose best 50
+    entries are all of one category finds its pool far below that and is walked again in full."""
+    from engine.rerank import diversify_rows
+
+    rng = np.random.default_rng(3)
+    sizes = [60, 40, 5]
+    rows = np.repeat(np.arange(3), sizes).astype(np.int64)
+    scores = np.concatenate([np.linspace(1, 0.01, 60), rng.random(45)]).astype(np.float32)
+    categories = np.concatenate([np.zeros(50), np.arange(1, 11), rng.integers(0, 20, 45)]).astype(np.int64)
+    need, spare = np.array([4, 4, 4]), np.array([2, 2, 2])
+    within, beyond = diversify_rows(rows, scores, categories, 1, need, spare, 3)
+    for r in range(3):
+        mine = np.flatnonzero(rows == r)
+        alone_within, alone_beyond = diversify(scores[mine], np.ones(len(mine), bool), categories[mine], 1, 4, 2)
+        assert within[rows[within] == r].tolist() == mine[alone_within].tolist()
+        assert beyond[rows[beyond] == r].tolist() == mine[alone_beyond].tolist()
+    # Row 0's pool: the best of category 0, then the first of each category after the run of 50.
+    assert within[rows[within] == 0].tolist() == [0, 50, 51, 52]
