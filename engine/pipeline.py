@@ -259,13 +259,17 @@ def _rank(
     limits = np.asarray([r.limit for r in reqs], dtype=np.int64)
     cap, need = placement.rerank.max_per_category, np.maximum(spec.pool, limits)
     pool_at, over_at = diversify_rows(rows, final, state.catalog.category[items], cap, need, limits, n_rows)
-    pool_bounds = cs.row_starts(rows[pool_at], n_rows)
-    over_bounds = cs.row_starts(rows[over_at], n_rows)
+    pool_bounds = cs.row_starts(rows[pool_at], n_rows).tolist()
+    over_bounds = cs.row_starts(rows[over_at], n_rows).tolist()
+    # Gathered once for every row; each row's arrays are slices (views) of these, read only from here on.
+    pool_items, pool_final, pool_bits = items[pool_at], final[pool_at], source_bits[pool_at]
+    over_items, over_final, over_bits = items[over_at], final[over_at], source_bits[over_at]
     out = []
     for r in range(n_rows):
-        p = pool_at[pool_bounds[r] : pool_bounds[r + 1]]
-        o = over_at[over_bounds[r] : over_bounds[r + 1]]
-        out.append(_Ranked(items[p], final[p], source_bits[p], items[o], final[o], source_bits[o]))
+        a, b, c, d = pool_bounds[r], pool_bounds[r + 1], over_bounds[r], over_bounds[r + 1]
+        out.append(
+            _Ranked(pool_items[a:b], pool_final[a:b], pool_bits[a:b], over_items[c:d], over_final[c:d], over_bits[c:d])
+        )
     return out
 
 
