@@ -13,7 +13,6 @@ from engine.rules import Rerank
 from engine.state import ServingState
 
 _WALK_SLICE = 48  # ranked entries a single row's walk converts to Python at a time
-_HEAD_PER_NEED = 4  # a batch's cap is first worked out over this many entries per needed one (and the spare)
 
 
 def blend(
@@ -56,50 +55,18 @@ def diversify_rows(
     positions into the entries, grouped by row and best first: (within the cap, beyond it). The walk is
     computed, not stepped: an entry is within the cap when fewer than `max_per_category` of its category
     rank above it in its row, and the walk stops after the need-th such entry.
-
-    A walk rarely goes far down its row (a row holds a few hundred entries; it needs a dozen), so the cap is
-    first worked out over each row's best `_HEAD_PER_NEED` × need + spare entries only; a row whose walk
-    does not end there (a long run of one category at its top) is worked out again over all its entries.
     """
     order = best_first(rows, scores, len(rows))
     if n_rows == 1:
         return _walk(order, categories[order], max_per_category, int(need[0]), int(spare[0]))
     r, c = rows[order], categories[order]
-    head = _HEAD_PER_NEED * int(need.max(initial=0)) + int(spare.max(initial=0))
-    sizes = np.bincount(r, minlength=n_rows)
-    if sizes.max(initial=0) <= head:
-        pool, left_out, _ = _capped(r, c, max_per_category, need, spare, n_rows)
-        return order[pool], order[left_out]
-    top = rank_in_row(r) < head
-    at = np.flatnonzero(top)
-    pool, left_out, found = _capped(r[top], c[top], max_per_category, need, spare, n_rows)
-    short = (found < need) & (sizes > head)  # walks that would go on past the head
-    if not short.any():
-        return order[at[pool]], order[at[left_out]]
-    # Those rows again over all their entries; the others keep what their head gave.
-    again = np.flatnonzero(short[r])
-    pool2, left_out2, _ = _capped(r[again], c[again], max_per_category, need, spare, n_rows)
-    kept_pool, kept_out = at[pool][~short[r[at[pool]]]], at[left_out][~short[r[at[left_out]]]]
-    pool_at = np.concatenate([kept_pool, again[pool2]])
-    out_at = np.concatenate([kept_out, again[left_out2]])
-    # Grouped by row again, each row's entries in walk order (a row's entries all come from one of the two).
-    pool_at = pool_at[np.argsort(r[pool_at], kind="stable")]
-    out_at = out_at[np.argsort(r[out_at], kind="stable")]
-    return order[pool_at], order[out_at]
-
-
-def _capped(
-    r: IntArray, c: IntArray, max_per_category: int, need: IntArray, spare: IntArray, n_rows: int
-) -> tuple[BoolArray, BoolArray, IntArray]:
-    """The walk over ranked entries (rows `r`, categories `c`, grouped by row, best first): which entries it
-    takes within the cap, which it leaves out (up to spare), and how many within the cap each row has."""
     # How many of the same category rank above each entry: a stable sort by (row, category), radix on 16 bits.
     n_cat = int(c.max(initial=0)) + 1
     group = r * n_cat + c
     if n_rows * n_cat <= 1 << 16:
         group = group.astype(np.uint16)
     by_group = np.argsort(group, kind="stable")
-    above = np.empty(len(r), dtype=np.int64)
+    above = np.empty(len(order), dtype=np.int64)
     above[by_group] = rank_in_row(group[by_group])
     within = above < max_per_category
     # The walk stops right after the need-th entry within the cap: later entries are never looked at.
@@ -109,7 +76,7 @@ def _capped(
     pool = within & looked_at
     left_out = ~within & looked_at
     left_out &= _running_count(r, left_out) <= spare[r]
-    return pool, left_out, np.bincount(r[within], minlength=n_rows)
+    return order[pool], order[left_out]
 
 
 def _walk(order: IntArray, categories: IntArray, cap: int, need: int, spare: int) -> tuple[IntArray, IntArray]:

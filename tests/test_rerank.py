@@ -80,8 +80,8 @@ def test_decision_seed_reads_crockford_base32_and_refuses_anything_else():
     seed=st.integers(0, 2**32 - 1),
 )
 def test_many_rows_are_diversified_each_as_alone(sizes, n_categories, cap, needs, spares, clustered, seed):
-    """One sort for every row, then each row's walk: the same as each row diversified on its own. Rows longer
-    than their head (4 × need + spare) whose walk ends past it, with few categories, are worked out again."""
+    """One sort for every row, then each row's walk: the same as each row diversified on its own, whatever each
+    row needs and spares, and when the best entries share few categories (walks that run long)."""
     from engine.rerank import diversify_rows
 
     rng = np.random.default_rng(seed)
@@ -104,9 +104,9 @@ def test_many_rows_are_diversified_each_as_alone(sizes, n_categories, cap, needs
         assert beyond[rows[beyond] == r].tolist() == mine[alone_beyond].tolist()
 
 
-def test_a_row_whose_best_entries_share_one_category_is_walked_past_its_head():
-    """The cap is first worked out over each row's head (4 × need + spare entries); a row whose best 50
-    entries are all of one category finds its pool far below that and is walked again in full."""
+def test_a_row_whose_best_entries_share_one_category_is_walked_far_down():
+    """A row whose best 50 entries are all of one category finds its pool far down its ranking, beside rows
+    whose walks end early."""
     from engine.rerank import diversify_rows
 
     rng = np.random.default_rng(3)
