@@ -6,8 +6,9 @@ Candidates are flat arrays grouped by request ("row"), so a stage is a few numpy
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
-from engine.candidates import best_first, rank_in_row, row_first
+from engine.candidates import best_first
 from engine.catalog import BoolArray, FloatArray, IntArray
 from engine.rules import Rerank
 from engine.state import ServingState
@@ -51,7 +52,8 @@ def diversify_rows(
     """Per row, the best `need[row]` entries within the per-category cap, and the best `spare[row]` of those the
     cap left out while walking the ranking to that point.
 
-    Entries are grouped by row, in tie-break order within a row (ties go to the earlier entry). Returns
+    Entries are grouped by row, rows ascending, in tie-break order within a row (ties go to the earlier entry)
+    (ValueError otherwise). Returns
     positions into the entries, grouped by row and best first: (within the cap, beyond it). The walk is
     computed, not stepped: an entry is within the cap when fewer than `max_per_category` of its category
     rank above it in its row, and the walk stops after the need-th such entry.
@@ -59,7 +61,9 @@ def diversify_rows(
     order = best_first(rows, scores, len(rows))
     if n_rows == 1:
         return _walk(order, categories[order], max_per_category, int(need[0]), int(spare[0]))
-    r, c = rows[order], categories[order]
+    if not bool((rows[1:] >= rows[:-1]).all()):
+        raise ValueError("diversify_rows needs its entries grouped by row in ascending row order")
+    r, c = rows, categories[order]  # best_first reorders entries within their rows only
     # How many of the same category rank above each entry: a stable sort by (row, category), radix on 16 bits.
     n_cat = int(c.max(initial=0)) + 1
     group = r * n_cat + c
@@ -67,15 +71,16 @@ def diversify_rows(
         group = group.astype(np.uint16)
     by_group = np.argsort(group, kind="stable")
     above = np.empty(len(order), dtype=np.int64)
-    above[by_group] = rank_in_row(group[by_group])
+    above[by_group] = np.arange(len(order)) - _first_of_value(group[by_group], n_rows * n_cat)
     within = above < max_per_category
     # The walk stops right after the need-th entry within the cap: later entries are never looked at.
-    taken = _running_count(r, within)
+    first = _first_of_value(r, n_rows)
+    taken = _running_count(first, within)
     want = need[r]
     looked_at = taken - within < want
     pool = within & looked_at
     left_out = ~within & looked_at
-    left_out &= _running_count(r, left_out) <= spare[r]
+    left_out &= _running_count(first, left_out) <= spare[r]
     return order[pool], order[left_out]
 
 
@@ -100,10 +105,19 @@ def _walk(order: IntArray, categories: IntArray, cap: int, need: int, spare: int
     return np.asarray(within, dtype=np.int64), np.asarray(beyond, dtype=np.int64)
 
 
-def _running_count(rows: IntArray, flags: BoolArray) -> IntArray:
-    """Per entry, how many flagged entries its row has up to and including it (entries grouped by row)."""
+def _first_of_value(values: npt.NDArray[np.integer], size: int) -> IntArray:
+    """For each entry of an ascending array of integers below `size`, the position of its value's first entry
+    (`row_first` for rows known to ascend: a count per value instead of a scan of every entry for changes)."""
+    counts = np.bincount(values, minlength=size)
+    first: IntArray = np.repeat(np.cumsum(counts) - counts, counts)
+    return first
+
+
+def _running_count(first: IntArray, flags: BoolArray) -> IntArray:
+    """Per entry, how many flagged entries its row has up to and including it (`first`: each entry's row's
+    first position, entries grouped by row)."""
     total = np.cumsum(flags, dtype=np.int64)
-    counts: IntArray = total - (total - flags)[row_first(rows)]
+    counts: IntArray = total - (total - flags)[first]
     return counts
 
 

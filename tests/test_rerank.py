@@ -1,6 +1,7 @@
 """The re-ranking stages and a decision's random generator, against plain reference implementations."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,8 +61,6 @@ def test_a_decision_generator_depends_on_the_id_alone():
 
 
 def test_decision_seed_reads_crockford_base32_and_refuses_anything_else():
-    import pytest
-
     assert decision_seed("0000000000000000000000000Z") == 31
     assert decision_seed("00000000000000000000000010") == 32
     for bad in ("01KAQ3TV0X8B6D6M0R8N6C3Y7I", "01kaq3", "01KAQ 3", "٣٣"):
@@ -123,3 +122,13 @@ def test_a_row_whose_best_entries_share_one_category_is_walked_far_down():
         assert beyond[rows[beyond] == r].tolist() == mine[alone_beyond].tolist()
     # Row 0's pool: the best of category 0, then the first of each category after the run of 50.
     assert within[rows[within] == 0].tolist() == [0, 50, 51, 52]
+
+
+def test_rows_out_of_order_are_refused():
+    from engine.rerank import diversify_rows
+
+    rows = np.array([1, 1, 0, 0])
+    with pytest.raises(ValueError, match="ascending row order"):
+        diversify_rows(
+            rows, np.ones(4, np.float32), np.zeros(4, np.int64), 1, np.ones(2, np.int64), np.ones(2, np.int64), 2
+        )
