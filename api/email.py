@@ -28,14 +28,21 @@ from api.offers import (
     reservation_template_of,
     settle,
 )
-from engine.email import ContentDecodeError, EmailContent, content_from_decision, replace_unavailable, with_offers
+from engine.email import (
+    ContentDecodeError,
+    EmailContent,
+    content_from_decision,
+    replace_unavailable,
+    unavailable_slots,
+    with_offers,
+)
 from engine.fastinit import fast_init
 from engine.ids import new_decision_ids
 from engine.pipeline import Request, recommend, recommend_many
 from engine.state import ServingState
 from engine.types import Context, Decision, Profile
 from feature_store.caps import Reservation, template_keys_args
-from feature_store.email_store import EmailRead, EmailStore, profile_of
+from feature_store.email_store import EmailRead, EmailStore, country_of, profile_of
 from feature_store.profiles import ProfileDecodeError
 from feature_store.resp import Arg
 from feature_store.store import StoreUnavailableError
@@ -116,13 +123,16 @@ class EmailSlots:
         state = rt.state or state
         answers: list[EmailAnswer | None] = [None] * len(reqs)
         fresh: list[tuple[int, Decision, Profile | None, OfferRequest | None, OfferPlan | None]] = []
-        profiles = [self._profile(req.customer_id, read) for req, read in zip(reqs, reads, strict=True)]
         for j, (req, read) in enumerate(zip(reqs, reads, strict=True)):
             if j and not j % YIELD_EVERY:
                 await asyncio.sleep(0)
             if read.stored is not None:
-                answers[j] = await self._read_back(state, req, read.stored, profiles[j][0], store)
+                answers[j] = await self._read_back(state, req, read, store)
         pending = [j for j, a in enumerate(answers) if a is None]
+        # The whole profile only where a decision is made: a read-back needs the country alone (`_read_back`).
+        profiles: list[tuple[Profile | None, str | None]] = [(None, None)] * len(reqs)
+        for j in pending:
+            profiles[j] = self._profile(reqs[j].customer_id, reads[j])
         # One campaign, one placement: score the offers of every recipient, each model run once on the recipients
         # whose offers use it.
         wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
@@ -215,19 +225,36 @@ class EmailSlots:
             log.error("%s", exc)
             return None, "profile_unreadable"
 
+    def _country(self, customer_id: str, read: EmailRead) -> str | None:
+        try:
+            return country_of(customer_id, read.profile_raw)
+        except ProfileDecodeError as exc:
+            log.error("%s", exc)
+            return None
+
     async def _read_back(
-        self, state: ServingState, req: SlotsRequest, raw: bytes, profile: Profile | None, store: EmailStore
+        self, state: ServingState, req: SlotsRequest, read: EmailRead, store: EmailStore
     ) -> EmailAnswer | None:
-        """The stored content, with sold-out items replaced in place; None if it cannot be read."""
-        country = profile.country if profile else None
+        """The stored content, with sold-out items replaced in place; None if it cannot be read.
+
+        The profile is decoded whole only when a slot is to be replaced (its ranking is the customer's);
+        otherwise its country, for the prices' format, is all the answer needs."""
+        raw = read.stored
+        assert raw is not None
         try:
             content = EmailContent.from_bytes(raw)
         except ContentDecodeError as exc:
             log.error("email content of campaign %r is unreadable, deciding again: %s", req.campaign_id, exc)
             return None
         if content.placement not in state.rules.placements:
-            return EmailAnswer(content, "stored", country)  # the placement was removed: serve as stored
-        refreshed = replace_unavailable(content, state, profile, req.customer_id)
+            # The placement was removed: serve as stored.
+            return EmailAnswer(content, "stored", self._country(req.customer_id, read))
+        if unavailable_slots(content, state):
+            profile, _ = self._profile(req.customer_id, read)
+            country = profile.country if profile else None
+            refreshed = replace_unavailable(content, state, profile, req.customer_id)
+        else:
+            country, refreshed = self._country(req.customer_id, read), None
         if refreshed is not None:
             try:
                 now = await store.replace_if_same(req.customer_id, req.campaign_id, raw, refreshed.to_bytes())

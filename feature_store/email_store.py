@@ -18,7 +18,7 @@ from engine.types import Profile
 from feature_store.caps import RESERVE_FUNCTION, Reservation, reservation_of
 from feature_store.keys import Keys
 from feature_store.resp import Arg, RedisClient, RespConnectionError, RespError, Script
-from feature_store.store import StoreUnavailableError, profile_from_json
+from feature_store.store import StoreUnavailableError, country_from_json, profile_from_json
 
 # KEYS: content, campaign index. ARGV: content, ttl_s, campaign id.
 # Returns the stored content if there was one (and stores nothing), else nil after storing ARGV[1].
@@ -156,3 +156,8 @@ class EmailStore:
 def profile_of(customer_id: str, raw: bytes | None) -> Profile | None:
     """The profile from a raw read (ProfileDecodeError if it is damaged)."""
     return profile_from_json(customer_id, raw)
+
+
+def country_of(customer_id: str, raw: bytes | None) -> str | None:
+    """The profile's country from a raw read, without decoding the rest (ProfileDecodeError if it is damaged)."""
+    return country_from_json(customer_id, raw)

@@ -315,6 +315,22 @@ def _snapshot(raw: Mapping[str, object]) -> Snapshot:
     return seg, _unescape(country) or None, _affinities(affinities, "x", packed=True), values
 
 
+def decode_country(customer_id: str, raw: Mapping[str, object]) -> str | None:
+    """The profile's country alone, as `decode_profile` reads it, without decoding the rest: a stored email's
+    read-back needs only the country (its prices' format). `ProfileDecodeError` if the fields holding the
+    country are malformed; damage elsewhere in the profile is not looked for."""
+    try:
+        packed = _text(raw, "x")
+        if packed is None:
+            return _text(raw, "cc") or None
+        parts = packed.split(",")
+        if len(parts) != 4:
+            raise _FieldError("x", f"has {len(parts)} parts, not 4 (segment,country,affinities,features)")
+        return _unescape(parts[1]) or None
+    except ValueError as exc:
+        raise ProfileDecodeError(f"profile of {customer_id!r} is malformed: {exc}") from exc
+
+
 def decode_profile(customer_id: str, raw: Mapping[str, object]) -> Profile:
     """The profile from its stored JSON object (format 2 or 1); `ProfileDecodeError` names customer and field."""
     try:

@@ -17,7 +17,7 @@ from engine.catalog import CatalogItem
 from engine.types import Profile
 from feature_store.cluster import connect, sync_client
 from feature_store.keys import Keys
-from feature_store.profiles import ProfileDecodeError, decode_profile, encode_profile, new_pseudonym
+from feature_store.profiles import ProfileDecodeError, decode_country, decode_profile, encode_profile, new_pseudonym
 from feature_store.resp import RespConnectionError, RespError
 
 BATCH = 2_000
@@ -55,15 +55,22 @@ def _text(v: bytes | str | None) -> str | None:
 
 
 def profile_from_json(customer_id: str, raw: bytes | str | None) -> Profile | None:
-    if raw is None:
-        return None
+    return None if raw is None else decode_profile(customer_id, _fields(customer_id, raw))
+
+
+def country_from_json(customer_id: str, raw: bytes | str | None) -> str | None:
+    """`profile_from_json(...).country` without decoding the rest of the profile (see `decode_country`)."""
+    return None if raw is None else decode_country(customer_id, _fields(customer_id, raw))
+
+
+def _fields(customer_id: str, raw: bytes | str) -> dict[str, Any]:
     try:
         fields = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProfileDecodeError(f"profile of {customer_id!r} is not JSON: {exc}") from exc
     if not isinstance(fields, dict):
         raise ProfileDecodeError(f"profile of {customer_id!r} is not a JSON object")
-    return decode_profile(customer_id, fields)
+    return fields
 
 
 def _decode_items(raw: dict[bytes, bytes]) -> list[CatalogItem]:

@@ -143,6 +143,28 @@ def test_price_is_formatted_in_the_customers_locale_and_currency(client, shop, r
     assert de_body["slots"][0]["price_formatted"].endswith("€")  # '12,99 €'
 
 
+def test_a_read_back_reads_only_the_country_of_the_profile(client, shop, redis_url, keys, caplog):
+    """Stored content needs the profile's country alone (its prices' format): damage elsewhere in the profile
+    leaves the read-back as it was, while a decision for the same customer refuses the profile. Damage to the
+    country's own field is logged and the default format is used."""
+    r = redis.Redis.from_url(redis_url)
+    customers = shop.customers.set_index("customer_id")
+    gb = next(c for c in _buyers(shop, 200) if customers.loc[c, "country"] == "GB")
+    sent = _slots(client, "wk48", gb)
+    profile = orjson.loads(r.get(keys.profile(gb)))  # type: ignore[arg-type]
+    segment, country, affinities, _ = profile["x"].split(",")
+    r.set(keys.profile(gb), orjson.dumps({**profile, "x": f"{segment},{country},{affinities},not base85!", "p": "x"}))
+    opened = _slots(client, "wk48", gb)
+    assert opened["source"] == "stored" and opened["slots"] == sent["slots"]
+    assert (opened["locale"], opened["currency"]) == ("en_GB", "GBP")
+    assert _slots(client, "wk49", gb)["fallback_reason"] == "profile_unreadable"
+    r.set(keys.profile(gb), orjson.dumps({**profile, "x": f"{segment},{country}"}))
+    with caplog.at_level("ERROR", logger="nextbest"):
+        again = _slots(client, "wk48", gb)
+    assert _items(again) == _items(sent) and (again["locale"], again["currency"]) == ("en_IE", "EUR")
+    assert f"profile of {gb!r} is malformed: field 'x'" in caplog.text
+
+
 def test_a_price_change_shows_in_the_next_rendering_of_stored_content(client, shop):
     """The renderer keeps item fields per catalog: a new catalog (a webhook's price) is rendered anew."""
     customer = _buyers(shop, 3)[2]

@@ -26,6 +26,7 @@ from feature_store.keys import Keys
 from feature_store.profiles import (
     SEGMENT_CODES,
     ProfileDecodeError,
+    decode_country,
     decode_features,
     decode_profile,
     encode_features,
@@ -99,6 +100,7 @@ def test_every_profile_reads_back_as_written_with_features_rounded_as_stored(
         features=tuple(values),
     )
     assert _through_json(p) == _stored(p)
+    assert decode_country("c1", orjson.loads(orjson.dumps(encode_profile(p)))) == _stored(p).country
 
 
 def test_nan_and_out_of_range_features_read_back_as_float16_stores_them():
@@ -126,6 +128,7 @@ def test_a_format_1_profile_still_decodes():
     assert (p.orders, p.spend, p.updated_at, p.pseudonym) == (4, 20.99, 1787047795, "9754664885e2bcf7")
     assert (p.segment, p.country) == ("hibernating", "FR")
     assert len(p.features) == 21 and p.features[:6] == (138.25, 1.0, 20.984375, 20.984375, 138.25, 74.5625)
+    assert decode_country("c9", orjson.loads(FORMAT_1)) == "FR"
 
 
 def test_a_reload_rewrites_a_format_1_profile_and_keeps_its_pseudonym(redis_url, keys: Keys):
@@ -189,6 +192,21 @@ def test_live_updates_keep_the_snapshot_and_leave_zero_orders_out(redis_url, key
 def test_a_malformed_field_is_refused_naming_the_customer_and_the_field(field: str, raw: dict[str, object]):
     with pytest.raises(ProfileDecodeError, match=rf"'c42'.*field '{field}'"):
         decode_profile("c42", raw)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [("x", {"x": "1,GB"}), ("x", {"x": 7}), ("cc", {"cc": ["GB"]})],
+)
+def test_the_country_alone_is_refused_when_its_own_field_is_malformed(field: str, raw: dict[str, object]):
+    with pytest.raises(ProfileDecodeError, match=rf"'c42'.*field '{field}'"):
+        decode_country("c42", raw)
+
+
+def test_the_country_alone_does_not_look_at_the_rest_of_the_profile():
+    raw: dict[str, object] = {"x": "1,GB,books:half,not base85!", "p": "i1:1:20000", "o": "three"}
+    assert decode_country("c42", raw) == "GB"
+    assert decode_country("c42", {}) is None
 
 
 @settings(max_examples=200, deadline=None)
