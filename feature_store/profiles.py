@@ -285,6 +285,14 @@ def _affinities(text: str | None, field: str, packed: bool) -> tuple[tuple[str, 
 Snapshot = tuple[str | None, str | None, tuple[tuple[str, float], ...], tuple[float, ...]]
 
 
+def _packed_parts(packed: str) -> list[str]:
+    """``x`` split into segment, country, affinities and features."""
+    parts = packed.split(",")
+    if len(parts) != 4:
+        raise _FieldError("x", f"has {len(parts)} parts, not 4 (segment,country,affinities,features)")
+    return parts
+
+
 def _snapshot(raw: Mapping[str, object]) -> Snapshot:
     """segment, country, affinities and features: packed in ``x`` (format 2) or four fields (format 1)."""
     packed = _text(raw, "x")
@@ -300,10 +308,7 @@ def _snapshot(raw: Mapping[str, object]) -> Snapshot:
             _affinities(_text(raw, "a"), "a", packed=False),
             values,
         )
-    parts = packed.split(",")
-    if len(parts) != 4:
-        raise _FieldError("x", f"has {len(parts)} parts, not 4 (segment,country,affinities,features)")
-    segment, country, affinities, features = parts
+    segment, country, affinities, features = _packed_parts(packed)
     try:
         seg = _decode_segment(segment)
     except ValueError as exc:
@@ -323,10 +328,7 @@ def decode_country(customer_id: str, raw: Mapping[str, object]) -> str | None:
         packed = _text(raw, "x")
         if packed is None:
             return _text(raw, "cc") or None
-        parts = packed.split(",")
-        if len(parts) != 4:
-            raise _FieldError("x", f"has {len(parts)} parts, not 4 (segment,country,affinities,features)")
-        return _unescape(parts[1]) or None
+        return _unescape(_packed_parts(packed)[1]) or None
     except ValueError as exc:
         raise ProfileDecodeError(f"profile of {customer_id!r} is malformed: {exc}") from exc
 
