@@ -94,14 +94,14 @@ class EmailStore:
         self.keys = keys
 
     async def read_many(self, customer_ids: Sequence[str], campaign_id: str) -> list[EmailRead]:
-        """Profile, catalog version and stored content of each recipient, in one round trip."""
+        """Profile, catalog version and stored content of each recipient, in one round trip: one MGET per
+        recipient (profile and content share the customer's hash tag, so one Cluster slot)."""
         k = self.keys
         commands: list[tuple[Arg, ...]] = [("GET", k.catalog_version)]
-        for cid in customer_ids:
-            commands += [("GET", k.profile(cid)), ("GET", k.email_content(cid, campaign_id))]
+        commands += [("MGET", k.profile(cid), k.email_content(cid, campaign_id)) for cid in customer_ids]
         replies = await self._pipeline("email batch read", commands)
         version = int(replies[0]) if replies[0] is not None else None
-        return [EmailRead(replies[1 + 2 * j], version, replies[2 + 2 * j]) for j in range(len(customer_ids))]
+        return [EmailRead(profile, version, stored) for profile, stored in replies[1:]]
 
     async def store_first_many(self, items: Sequence[tuple[str, str, bytes, int]]) -> list[bytes | None]:
         """Store each (customer, campaign, content, ttl) unless content is there, in one round trip; per item

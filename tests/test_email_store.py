@@ -1,13 +1,14 @@
 """Storing a first call's email content and reserving its offers' caps in one script run (real Redis)."""
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.email import ContentDecodeError, EmailContent, EmailSlot
+from engine.email import ContentDecodeError, EmailContent, EmailSlot, with_offers
 from feature_store.caps import Candidate, Cap, cap_usage, reservation_keys_args
 from feature_store.email_store import EmailStore
 from feature_store.keys import Keys
@@ -126,3 +127,17 @@ def test_pending_content_with_granted_offers_decodes_as_the_complete_content(off
 def test_damaged_content_is_a_decode_error(raw):
     with pytest.raises(ContentDecodeError):
         EmailContent.from_bytes(raw)
+
+
+def test_offer_slots_added_keep_every_other_field_of_the_content():
+    # with_offers builds the content field by field: a field it forgot would be lost from every stored email.
+    values = {f.name: getattr(_products(), f.name) for f in dataclasses.fields(EmailContent)}
+    values |= {"model_version": "v7", "fallback_reason": "unknown_customer", "replaced": 2}
+    content = EmailContent(**values)
+    added = with_offers(content, [("vip", "service")], "O9")
+    for f in dataclasses.fields(EmailContent):
+        if f.name not in ("slots", "offers_decision_id"):
+            assert getattr(added, f.name) == getattr(content, f.name), f.name
+    assert added.slots == (*content.slots, EmailSlot(5, "offer", "vip", ("service",)))
+    assert added.offers_decision_id == "O9"
+    assert with_offers(content, [], "O9").offers_decision_id is None  # no offer slot, no offers' decision id
