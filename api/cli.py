@@ -399,6 +399,22 @@ def bench_email_batch(
     run_email_batch_bench(console, quick=quick, out_dir=out, streams=streams)
 
 
+@bench_app.command("email-instructions")
+def bench_email_instructions(
+    quick: Quick = False,
+    out: OutDir = Path("benchmarks/reports"),
+    recipients: Annotated[int, typer.Option(min=256, max=20_000, help="recipients per phase")] = 1_024,
+) -> None:
+    """Email pre-send batch: a worker's instructions per recipient, counted by callgrind (needs valgrind):
+    unlike times, they do not drift with the machine, so two commits compare."""
+    from benchmarks.instructions import InstructionsError, run_email_instructions_bench
+
+    try:
+        run_email_instructions_bench(console, quick=quick, out_dir=out, recipients=recipients)
+    except InstructionsError as exc:
+        raise _fail(str(exc)) from exc
+
+
 @bench_app.command("ingest")
 def bench_ingest(quick: Quick = False, out: OutDir = Path("benchmarks/reports")) -> None:
     """Event ingestion: sustained events/s with nothing lost."""
