@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ def trained(shop_dir: Path, rules: Rules, tmp_path_factory: pytest.TempPathFacto
     registry = Registry(tmp_path_factory.mktemp("registry"))
     artifact, metrics = train(shop_dir, registry, rules, FAST)
     return Trained(registry, artifact, metrics)
+
+
+@pytest.fixture
+def registry_root(trained: Trained, tmp_path: Path) -> Path:
+    """A copy of the trained registry of this test's own, for a server that may activate or publish versions."""
+    root = tmp_path / "registry"
+    shutil.copytree(trained.registry.root, root)
+    return root
 
 
 def load_shop(redis_url: str, keys: Keys, shop_dir: Path) -> int:

@@ -1,8 +1,6 @@
 """API keys with scopes: 401 without a valid key, 403 without the scope, open endpoints stay open."""
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,13 +40,6 @@ CALLS: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ("admin", "GET", "/metrics", None),
     ("admin", "POST", "/v1/admin/reload", None),
 ]
-
-
-@pytest.fixture
-def registry_root(trained, tmp_path) -> Path:
-    root: Path = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """`nextbest bench email-instructions`: the phases it counts, the callgrind totals it reads, the tools it needs."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from feature_store.keys import Keys
 from tests.conftest import load_shop
 
 KEYS_SETTING = "t1:test-signing-key-0123456789abcdef"
-
-
-@pytest.fixture
-def registry_root(trained, tmp_path) -> Path:
-    root: Path = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
 
 
 def test_the_phases_decide_every_recipient_then_read_each_back_with_one_command(

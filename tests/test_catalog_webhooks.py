@@ -1,6 +1,5 @@
 """POST /v1/catalog/items: webhook changes reach every worker's next decision."""
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -16,13 +15,6 @@ def _app(redis_url, keys, root):
     # workers show the same list and a change is the catalog's doing, not exploration's.
     settings = Settings(registry_dir=root, key_prefix=keys.prefix, refresh_interval_s=3600, exploration=False)
     return create_app(settings, redis_url=redis_url)
-
-
-@pytest.fixture
-def registry_root(trained, tmp_path):
-    root = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
 
 
 @pytest.fixture

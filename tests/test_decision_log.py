@@ -1,6 +1,5 @@
 """The learning loop's log: decisions with propensities, feedback, export to Parquet, and erasure."""
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +19,6 @@ from tests.clear_text import in_clear
 from tests.conftest import load_shop
 
 T = "2026-11-01T12:00:00Z"
-
-
-@pytest.fixture
-def registry_root(trained, tmp_path) -> Path:
-    root: Path = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
 
 
 @pytest.fixture

@@ -64,13 +64,6 @@ email:
 """
 
 
-@pytest.fixture
-def registry_root(trained, tmp_path) -> Path:
-    root: Path = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
-
-
 def _settings(registry_root: Path, keys: Keys, **kw: Any) -> Settings:
     base: dict[str, Any] = {"refresh_interval_s": 0.1, "redis_timeout_ms": 2000, "email_signing_keys": KEYS_SETTING}
     return Settings(registry_dir=registry_root, key_prefix=keys.prefix, **{**base, **kw})

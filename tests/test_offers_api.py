@@ -1,7 +1,6 @@
 """POST /v1/offers/next-best: explanations, caps under concurrency, consent, holdouts, kill switch, reload."""
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,13 +47,6 @@ def rules_file(tmp_path) -> Path:
     path: Path = tmp_path / "rules.yaml"
     path.write_text(CAPPED, encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def registry_root(trained, tmp_path) -> Path:
-    root: Path = tmp_path / "registry"
-    shutil.copytree(trained.registry.root, root)
-    return root
 
 
 def _settings(registry_root: Path, keys, **kw: Any) -> Settings:
