@@ -135,7 +135,8 @@ class EmailSlots:
             profiles[j] = self._profile(reqs[j].customer_id, reads[j])
         # One campaign, one placement: score the offers of every recipient, each model run once on the recipients
         # whose offers use it.
-        wants_offers = bool(state.rules.offers) and state.rules.placement(reqs[0].placement).offer_slots > 0
+        offer_slots = state.rules.placement(reqs[0].placement).offer_slots
+        wants_offers = bool(state.rules.offers) and offer_slots > 0
         scored = propensities_many(rt, [profiles[j][0] for j in pending], "email") if wants_offers else []
         scores = dict(zip(pending, scored, strict=False))
         # The offers' decision ids of the whole batch from one system call (their random half is also the
@@ -149,7 +150,7 @@ class EmailSlots:
             for j, decision in zip(group, decisions, strict=True):
                 req, (profile, reason) = reqs[j], profiles[j]
                 if wants_offers:
-                    wanted = OfferRequest(req.customer_id, "email", state.rules.placement(req.placement).offer_slots)
+                    wanted = OfferRequest(req.customer_id, "email", offer_slots)
                     offer_plan = plan_offers(rt, wanted, profile, reason, scores.get(j), offer_ids[j])
                     fresh.append((j, decision, profile, wanted, offer_plan))
                 else:

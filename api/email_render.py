@@ -85,30 +85,41 @@ class EmailRenderer:
         self.click_base = public_url.rstrip("/") + "/v1/email/click/"
         # A product slot's item fields (title, price in a format, image) per (item, format), for the
         # catalog they were read from: a batch shows the same few hundred items to many recipients.
-        self._items: dict[tuple[str, str, str, float], dict[str, Any]] = {}
+        self._items: dict[tuple[str, str, float], dict[str, dict[str, Any]]] = {}  # format -> item -> fields
         self._items_of: CatalogState | None = None
+        self._cached = 0  # item fields held, over every format
 
     def body(self, answer: EmailAnswer, state: ServingState) -> dict[str, Any]:
         content, rules = answer.content, state.rules
         fmt = rules.email.country_format(answer.country)
         expires = content.created_ms // MS + rules.email.click_ttl
         sign, click_base, campaign = self.signer.sign_fields, self.click_base, content.campaign_id
+        items = self._items_in(state.catalog, fmt)
         slots: list[dict[str, Any]] = []
         for s in content.slots:
-            decision_id = content.decision_id if s.kind == "product" else content.offers_decision_id or ""
-            slot: dict[str, Any] = {
-                "position": s.position,
-                "type": s.kind,
-                "click_url": click_base + sign(decision_id, campaign, s.position, s.kind, s.item_id, expires),
-                "reasons": list(s.reasons),
-            }
             if s.kind == "product":
-                slot |= self._item_fields(state.catalog, s.item_id, fmt)
+                fields = items.get(s.item_id) or self._item_fields(state.catalog, s.item_id, fmt, items)
+                url = click_base + sign(content.decision_id, campaign, s.position, s.kind, s.item_id, expires)
+                slots.append(
+                    {"position": s.position, "type": s.kind, "click_url": url, "reasons": list(s.reasons), **fields}
+                )
             else:
                 offer = rules.offers.get(s.item_id)
-                slot |= {"offer_id": s.item_id, "title": offer.title if offer else "", "price": None}
-                slot |= {"price_formatted": "", "image_url": ""}
-            slots.append(slot)
+                decision_id = content.offers_decision_id or ""
+                url = click_base + sign(decision_id, campaign, s.position, s.kind, s.item_id, expires)
+                slots.append(
+                    {
+                        "position": s.position,
+                        "type": s.kind,
+                        "click_url": url,
+                        "reasons": list(s.reasons),
+                        "offer_id": s.item_id,
+                        "title": offer.title if offer else "",
+                        "price": None,
+                        "price_formatted": "",
+                        "image_url": "",
+                    }
+                )
         return {
             "campaign_id": content.campaign_id,
             "decision_id": content.decision_id,
@@ -121,21 +132,30 @@ class EmailRenderer:
             "slots": slots,
         }
 
-    def _item_fields(self, cat: CatalogState, item_id: str, fmt: CountryFormat) -> dict[str, Any]:
-        if cat is not self._items_of or len(self._items) >= MAX_CACHED_ITEMS:
-            self._items, self._items_of = {}, cat  # a new catalog (prices may have changed), or full
-        key = (item_id, fmt.locale, fmt.currency, fmt.rate)
-        fields = self._items.get(key)
-        if fields is None:
-            i = cat.index.get(item_id)
-            price = round(float(cat.price[i]) * fmt.rate, 2) if i is not None else None
-            fields = self._items[key] = {
-                "item_id": item_id,
-                "title": cat.titles[i] if i is not None else "",
-                "price": price,
-                "price_formatted": format_price(price, fmt.currency, fmt.locale) if price is not None else "",
-                "image_url": cat.image_urls[i] if i is not None else "",
-            }
+    def _items_in(self, cat: CatalogState, fmt: CountryFormat) -> dict[str, dict[str, Any]]:
+        """The item fields cached for one price format, for this catalog (a new catalog, or a full cache, starts
+        again: prices may have changed)."""
+        if cat is not self._items_of or self._cached >= MAX_CACHED_ITEMS:
+            self._items, self._items_of, self._cached = {}, cat, 0
+        key = (fmt.locale, fmt.currency, fmt.rate)
+        items = self._items.get(key)
+        if items is None:
+            items = self._items[key] = {}
+        return items
+
+    def _item_fields(
+        self, cat: CatalogState, item_id: str, fmt: CountryFormat, items: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        i = cat.index.get(item_id)
+        price = round(float(cat.price[i]) * fmt.rate, 2) if i is not None else None
+        fields = items[item_id] = {
+            "item_id": item_id,
+            "title": cat.titles[i] if i is not None else "",
+            "price": price,
+            "price_formatted": format_price(price, fmt.currency, fmt.locale) if price is not None else "",
+            "image_url": cat.image_urls[i] if i is not None else "",
+        }
+        self._cached += 1
         return fields
 
     def html(self, body: dict[str, Any]) -> str:

@@ -172,6 +172,21 @@ def test_a_price_change_shows_in_the_next_rendering_of_stored_content(client, sh
     assert now["title"] == slot["title"] and now["click_url"] == slot["click_url"]
 
 
+def test_a_full_item_cache_starts_again_and_every_slot_keeps_its_own_fields(client, shop, monkeypatch):
+    """The renderer holds at most MAX_CACHED_ITEMS item fields over every price format; one more starts
+    the cache again, and each slot still shows its own item's title and price."""
+    monkeypatch.setattr("api.email_render.MAX_CACHED_ITEMS", 3)
+    catalog = shop.catalog.set_index("item_id")
+    for customer in _buyers(shop, 6):
+        body = _slots(client, "wk50", customer)
+        rate = 0.86 if body["currency"] == "GBP" else 1.0
+        for s in (s for s in body["slots"] if s["type"] == "product"):
+            assert s["title"] == catalog.loc[s["item_id"], "title"]
+            assert s["price"] == pytest.approx(round(float(catalog.loc[s["item_id"], "price"]) * rate, 2))
+    renderer = client.app.state.runtime.email_renderer  # type: ignore[attr-defined]
+    assert renderer._cached <= 3 + 4  # started again within the last email (4 product slots)
+
+
 _BUNDLED_FORMATS = sorted({(f.currency, f.locale) for f in load_rules(DEFAULT_RULES_FILE).email.countries.values()})
 # Formats the fast path must leave to babel (Indian grouping, Arabic marks and separators) or get right
 # with other separators and decimals (Swiss apostrophe, no decimals, three decimals).
