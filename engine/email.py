@@ -103,27 +103,28 @@ class EmailContent:
                 offers = [g.decode() for g in granted if g]
                 d["s"] = [*d["s"], *(["o", oid, [classes[oid]], 1.0, 0.0] for oid in offers)]
                 d["od"] = d.get("od") if offers else None  # as content_from_decision: no offer slot, no offers id
+            # Positional arguments and map(): every open of every email reads its content back through here.
             slots = tuple(
                 EmailSlot(
-                    position=pos,
-                    kind="offer" if kind == "o" else "product",
-                    item_id=str(item),
-                    reasons=tuple(str(r) for r in reasons),
-                    propensity=float(prop),
-                    score=float(score),
+                    pos,
+                    "offer" if kind == "o" else "product",
+                    str(item),
+                    tuple(map(str, reasons)),
+                    float(prop),
+                    float(score),
                 )
                 for pos, (kind, item, reasons, prop, score) in enumerate(d["s"], start=1)
             )
             return cls(
-                campaign_id=str(d["c"]),
-                decision_id=str(d["d"]),
-                placement=str(d["p"]),
-                slots=slots,
-                created_ms=int(d["t"]),
-                model_version=d.get("m"),
-                fallback_reason=d.get("f"),
-                replaced=int(d.get("r", 0)),
-                offers_decision_id=d.get("od"),
+                str(d["c"]),
+                str(d["d"]),
+                str(d["p"]),
+                slots,
+                int(d["t"]),
+                d.get("m"),
+                d.get("f"),
+                int(d.get("r", 0)),
+                d.get("od"),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             if isinstance(exc, ContentDecodeError):
@@ -184,12 +185,13 @@ def feedback_target(content: EmailContent, position: int) -> tuple[str, str] | N
 
 def unavailable_slots(content: EmailContent, state: ServingState) -> list[int]:
     """Positions of product slots whose item is gone from the catalog, inactive or out of stock."""
-    index = state.catalog.index
+    index, available = state.catalog.index, state.available
     gone = []
-    for s in content.products:
-        i = index.get(s.item_id)
-        if i is None or not state.available[i]:
-            gone.append(s.position)
+    for s in content.slots:
+        if s.kind == "product":
+            i = index.get(s.item_id)
+            if i is None or not available[i]:
+                gone.append(s.position)
     return gone
 
 
