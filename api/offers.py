@@ -286,8 +286,10 @@ async def _reserve(runtime: Runtime, req: OfferRequest, ranked: list[RankedOffer
 def offers_decision(answer: OfferAnswer, req: OfferRequest, runtime: Runtime) -> Decision:
     """The answer in the decision log's terms: one action per offer (offers are ranked, not explored)."""
     items = tuple(
-        ShownItem(item_id=r.offer_id, position=pos, score=round(r.priority, 6), reasons=(r.priority_class,))
-        for pos, r in enumerate(answer.offers, start=1)
+        [
+            ShownItem(r.offer_id, pos, round(r.priority, 6), (r.priority_class,))
+            for pos, r in enumerate(answer.offers, 1)
+        ]
     )
     return Decision(
         decision_id=answer.decision_id,

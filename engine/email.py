@@ -140,16 +140,16 @@ def content_from_decision(
     now_ms: int | None = None,
 ) -> EmailContent:
     """The content of a first call: the decision's items as product slots, then (offer id, class) slots."""
+    # Positional (campaign, decision, placement, slots, created, model version, fallback reason) and a list,
+    # not a generator: a batch builds one for every recipient.
     products = EmailContent(
-        campaign_id=campaign_id,
-        decision_id=decision.decision_id,
-        placement=decision.placement,
-        slots=tuple(
-            EmailSlot(i.position, "product", i.item_id, i.reasons, i.propensity, i.score) for i in decision.items
-        ),
-        created_ms=int(time.time() * 1000) if now_ms is None else now_ms,
-        model_version=decision.model_version,
-        fallback_reason=decision.fallback_reason,
+        campaign_id,
+        decision.decision_id,
+        decision.placement,
+        tuple([EmailSlot(i.position, "product", i.item_id, i.reasons, i.propensity, i.score) for i in decision.items]),
+        int(time.time() * 1000) if now_ms is None else now_ms,
+        decision.model_version,
+        decision.fallback_reason,
     )
     return with_offers(products, offers, offers_decision_id) if offers else products
 
@@ -157,19 +157,19 @@ def content_from_decision(
 def with_offers(content: EmailContent, offers: list[tuple[str, str]], offers_decision_id: str | None) -> EmailContent:
     """The content with (offer id, class) slots after its slots; no offer slot, no offers' decision id."""
     start = len(content.slots) + 1
-    offer_slots = tuple(EmailSlot(start + k, "offer", oid, (cls,)) for k, (oid, cls) in enumerate(offers))
-    # Built field by field rather than with `dataclasses.replace`, which costs several times more: a batch
-    # does this for every recipient granted an offer. (Every field is named: a new one must be added here.)
+    offer_slots = tuple([EmailSlot(start + k, "offer", oid, (cls,)) for k, (oid, cls) in enumerate(offers)])
+    # Built field by field, in field order, rather than with `dataclasses.replace`, which costs several times
+    # more: a batch does this for every recipient granted an offer. (A new field must be added here.)
     return EmailContent(
-        campaign_id=content.campaign_id,
-        decision_id=content.decision_id,
-        placement=content.placement,
-        slots=content.slots + offer_slots,
-        created_ms=content.created_ms,
-        model_version=content.model_version,
-        fallback_reason=content.fallback_reason,
-        replaced=content.replaced,
-        offers_decision_id=offers_decision_id if offer_slots else None,
+        content.campaign_id,
+        content.decision_id,
+        content.placement,
+        content.slots + offer_slots,
+        content.created_ms,
+        content.model_version,
+        content.fallback_reason,
+        content.replaced,
+        offers_decision_id if offer_slots else None,
     )
 
 

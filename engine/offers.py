@@ -165,16 +165,18 @@ def arbitrate(
             refused[offer_id] = f"value: item {offer.value.margin_of} not in the catalog"
             continue
         weight = offer.context_weights.get(kind, 1.0)  # type: ignore[call-overload,unused-ignore]
+        # Positional (offer_id, priority_class, priority, propensity, value, lever, context_weight,
+        # propensity_source): a third cheaper than keywords, for every eligible offer of every recipient.
         ranked.append(
             RankedOffer(
-                offer_id=offer_id,
-                priority_class=offer.priority_class,
-                priority=propensity * value * offer.lever * weight,
-                propensity=propensity,
-                value=value,
-                lever=offer.lever,
-                context_weight=weight,
-                propensity_source=model if scored else "default",
+                offer_id,
+                offer.priority_class,
+                propensity * value * offer.lever * weight,
+                propensity,
+                value,
+                offer.lever,
+                weight,
+                model if scored else "default",
             )
         )
     ranked.sort(key=lambda r: (CLASS_RANK[r.priority_class], -r.priority, r.offer_id))
