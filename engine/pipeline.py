@@ -378,18 +378,19 @@ def _decisions(
         at, taken = at + n, taken + k
         reason = fallback_reasons[r]
         out.append(
+            # Positionally, in field order (a third cheaper than keywords: one per recipient of a batch).
             Decision(
-                decision_id=ids[r],
-                placement=placement,
-                customer_id=reqs[r].customer_id,
-                model_version=state.model_version,
-                items=items,
-                fallback=reason is not None,
-                fallback_reason=reason,
-                policy=spec.policy,
-                policy_params=_params(spec),
-                shadow=pick.shadow,
-                expected_clicks=tuple(pick.expected + [0.0] * (n - len(pick.expected))) if pick.lift else (),
+                ids[r],
+                placement,
+                reqs[r].customer_id,
+                state.model_version,
+                items,
+                reason is not None,
+                reason,
+                spec.policy,
+                _params(spec),
+                pick.shadow,
+                tuple(pick.expected + [0.0] * (n - len(pick.expected))) if pick.lift else (),
             )
         )
     return out
