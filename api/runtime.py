@@ -167,7 +167,7 @@ class Runtime:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.gather(*self._log_writes, return_exceptions=True)  # replies of decisions already logged
+        await self.log_writes_checked()
         await self._flush_impressions()
         await self.store.close()
         await self.background_store.close()
@@ -471,6 +471,11 @@ class Runtime:
         task = asyncio.create_task(self._check_log_write(logged, replies))
         self._log_writes.add(task)
         task.add_done_callback(self._log_writes.discard)
+
+    async def log_writes_checked(self) -> None:
+        """Wait until the replies of every decision log write in flight are checked (a write's failure is
+        counted and logged by its check, not raised here)."""
+        await asyncio.gather(*self._log_writes, return_exceptions=True)
 
     async def _check_log_write(self, decisions: list[Decision], replies: Coroutine[Any, Any, list[Any]]) -> None:
         try:

@@ -17,7 +17,6 @@ counts that differ in the last few thousandths.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -99,7 +98,7 @@ def measure_phases(
             for k in range(0, len(ids), BATCH_CHUNK):
                 job = ChunkJob(campaign, "email:weekly", 4, k, ids[k : k + BATCH_CHUNK])
                 chunks.append(await chunk_lines(runtime, job))
-            await asyncio.gather(*runtime._log_writes)  # the decisions' log writes, as part of the phase
+            await runtime.log_writes_checked()  # the decisions' log writes, as part of the phase
             return chunks
 
         for _ in range(2):  # decide, then read back

@@ -671,7 +671,7 @@ def test_a_worker_busy_when_its_first_batch_arrives_still_stores_and_logs_every_
             hog = asyncio.create_task(other_chunk())
             try:
                 answers = await runtime.email.slots_many(reqs)
-                await asyncio.gather(*runtime._log_writes)
+                await runtime.log_writes_checked()
             finally:
                 done.set()
                 await hog
